@@ -1,0 +1,207 @@
+// Fused multi-tensor RMSprop step in CUDA C, loaded by the CuPy backend with cupy.RawModule.
+//
+// Same contract as kernels/rmsprop.py (tables built by rmsprop_gpu/backends/_tables.py):
+//   tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel, 0
+//   blocks:  int64 [B]    = (tensor << 32) | chunk; CUDA block b updates chunk * 2048 .. + 2048 of that tensor
+// Launch with 256 threads per block. Dtypes and the switches that change memory traffic (momentum, centered)
+// are template parameters; the others are uniform run-time flags (no extra traffic, one kernel per layout).
+// Math is float32 with IEEE sqrt and division; 16-bit stores round to nearest even.
+//
+// No #include: NVRTC wheels ship no CUDA headers, and the same text compiles on the CPU with g++ and the
+// shim in tests/cuda_cpu/shim.h (which defines the CUDA built-ins this file uses).
+
+typedef long long i64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#define RMSPROP_BLOCK 2048
+#define RMSPROP_THREADS 256
+
+enum : int { MAXIMIZE = 1, WEIGHT_DECAY = 2, EPS_IN_SQRT = 4, LR_ON_DEVICE = 8, GRAD_SCALE = 16, FOUND_INF = 32 };
+
+struct f16 { u16 bits; };
+struct bf16 { u16 bits; };
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) { return __uint_as_float(((u32)x.bits) << 16); }
+__device__ __forceinline__ float to_float(f16 x) {
+#ifdef __CUDA_ARCH__
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+  return f;
+#else
+  return rmsprop_host_f16_to_f32(x.bits);
+#endif
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ f16 from_float<f16>(float x) {
+  f16 r;
+#ifdef __CUDA_ARCH__
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+#else
+  r.bits = rmsprop_host_f32_to_f16(x);
+#endif
+  return r;
+}
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
+  bf16 r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+#else
+  u32 bits = __float_as_uint(x);
+  r.bits = (x != x) ? (u16)0x7FC0 : (u16)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+#endif
+  return r;
+}
+
+// 16-byte packets: every fast-path load and store is 128 bits wide.
+template <typename T> struct Packet { static constexpr int N = 16 / sizeof(T); };
+
+__device__ __forceinline__ void unpack(const uint4& r, float* out, float*) {
+  out[0] = __uint_as_float(r.x); out[1] = __uint_as_float(r.y);
+  out[2] = __uint_as_float(r.z); out[3] = __uint_as_float(r.w);
+}
+template <typename T> __device__ __forceinline__ void unpack(const uint4& r, float* out, T*) {
+  const u32 w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    T lo, hi;
+    lo.bits = (u16)(w[k] & 0xFFFFu);
+    hi.bits = (u16)(w[k] >> 16);
+    out[2 * k] = to_float(lo);
+    out[2 * k + 1] = to_float(hi);
+  }
+}
+__device__ __forceinline__ uint4 pack(const float* in, float*) {
+  uint4 r;
+  r.x = __float_as_uint(in[0]); r.y = __float_as_uint(in[1]);
+  r.z = __float_as_uint(in[2]); r.w = __float_as_uint(in[3]);
+  return r;
+}
+template <typename T> __device__ __forceinline__ uint4 pack(const float* in, T*) {
+  u32 w[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    w[k] = (u32)from_float<T>(in[2 * k]).bits | ((u32)from_float<T>(in[2 * k + 1]).bits << 16);
+  uint4 r;
+  r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
+  return r;
+}
+
+template <typename T, int N> __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[N]) {
+#pragma unroll
+  for (int k = 0; k < N / Packet<T>::N; ++k)
+    unpack(reinterpret_cast<const uint4*>(ptr)[k], out + k * Packet<T>::N, (T*)0);
+}
+template <typename T, int N> __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[N]) {
+#pragma unroll
+  for (int k = 0; k < N / Packet<T>::N; ++k)
+    reinterpret_cast<uint4*>(ptr)[k] = pack(in + k * Packet<T>::N, (T*)0);
+}
+
+struct Hyper {
+  float lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale;
+  int flags;
+};
+
+// One element of the update; p, v, buf, ga are read and written in registers.
+template <bool MOMENTUM, bool CENTERED>
+__device__ __forceinline__ void update(float& p, float g, float& v, float& buf, float& ga, const Hyper& h) {
+  if (h.flags & GRAD_SCALE) g = __fdiv_rn(g, h.grad_scale);
+  if (h.flags & MAXIMIZE) g = -g;
+  if (h.flags & WEIGHT_DECAY) g = g + h.weight_decay * p;
+  v = h.alpha * v + h.one_minus_alpha * (g * g);
+  float var = v;
+  if (CENTERED) {
+    ga = ga + h.one_minus_alpha * (g - ga);
+    var = v - ga * ga;
+  }
+  const float denom = (h.flags & EPS_IN_SQRT) ? __fsqrt_rn(var + h.eps) : __fsqrt_rn(var) + h.eps;
+  if (MOMENTUM) {
+    buf = h.momentum * buf + __fdiv_rn(g, denom);
+    p = p - h.lr * buf;
+  } else {
+    p = p - h.lr * __fdiv_rn(g, denom);
+  }
+}
+
+#define RMSPROP_PARAMS                                                                           \
+  const i64 *tensors, const i64 *blocks, float lr, const float *lr_ptr, float alpha,                \
+      float one_minus_alpha, float eps,                                                          \
+      float weight_decay, float momentum, const float *grad_scale_ptr, const float *found_inf_ptr, \
+      int flags
+#define RMSPROP_ARGS \
+  tensors, blocks, lr, lr_ptr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale_ptr, found_inf_ptr, flags
+
+template <typename P, typename S, bool MOMENTUM, bool CENTERED>
+__device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
+  if ((flags & FOUND_INF) && *found_inf_ptr != 0.0f) return;  // GradScaler's skip: write nothing
+  const i64 info = blocks[blockIdx.x];
+  const i64* row = tensors + (info >> 32) * 8;
+  const i64 chunk = info & 0xFFFFFFFFll;
+  P* p = (P*)row[0];
+  const P* g = (const P*)row[1];
+  S* v = (S*)row[2];
+  S* b = (S*)row[3];
+  S* a = (S*)row[4];
+  float* step = (float*)row[5];
+  const i64 numel = row[6];
+  const Hyper h = {(flags & LR_ON_DEVICE) ? *lr_ptr : lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                   (flags & GRAD_SCALE) ? *grad_scale_ptr : 1.0f, flags};
+  const i64 start = chunk * RMSPROP_BLOCK;  // int64 offsets: tensors beyond 2**31 elements are fine
+  const i64 end = start + RMSPROP_BLOCK < numel ? start + RMSPROP_BLOCK : numel;
+  const bool aligned = ((row[0] | row[1] | row[2] | row[3] | row[4]) & 15) == 0;
+
+  constexpr int VEC = Packet<P>::N;  // 4 floats or 8 halves: one 128-bit packet of p and g per step
+  if (aligned && end - start == RMSPROP_BLOCK) {
+#pragma unroll
+    for (int it = 0; it < RMSPROP_BLOCK / (RMSPROP_THREADS * VEC); ++it) {
+      const i64 i = start + (i64)(it * RMSPROP_THREADS + (int)threadIdx.x) * VEC;
+      float pv[VEC], gv[VEC], vv[VEC], bv[VEC], av[VEC];
+      load_vec(p + i, pv);
+      load_vec(g + i, gv);
+      load_vec(v + i, vv);
+      if (MOMENTUM) load_vec(b + i, bv);
+      if (CENTERED) load_vec(a + i, av);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) update<MOMENTUM, CENTERED>(pv[k], gv[k], vv[k], bv[k], av[k], h);
+      store_vec(p + i, pv);
+      store_vec(v + i, vv);
+      if (MOMENTUM) store_vec(b + i, bv);
+      if (CENTERED) store_vec(a + i, av);
+    }
+  } else {
+    for (i64 i = start + threadIdx.x; i < end; i += RMSPROP_THREADS) {
+      float pi = to_float(p[i]), vi = to_float(v[i]);
+      float bi = MOMENTUM ? to_float(b[i]) : 0.0f;
+      float ai = CENTERED ? to_float(a[i]) : 0.0f;
+      update<MOMENTUM, CENTERED>(pi, to_float(g[i]), vi, bi, ai, h);
+      p[i] = from_float<P>(pi);
+      v[i] = from_float<S>(vi);
+      if (MOMENTUM) b[i] = from_float<S>(bi);
+      if (CENTERED) a[i] = from_float<S>(ai);
+    }
+  }
+  if (chunk == 0 && step != 0 && threadIdx.x == 0) *step += 1.0f;
+}
+
+// Every entry point: (name, param type, state type, momentum, centered). The CPU test shim reuses this list.
+#define RMSPROP_LAYOUTS(X, MOM, CEN, SUFFIX)        \
+  X(rmsprop_f32_f32##SUFFIX, float, float, MOM, CEN) \
+  X(rmsprop_f16_f16##SUFFIX, f16, f16, MOM, CEN)     \
+  X(rmsprop_f16_f32##SUFFIX, f16, float, MOM, CEN)   \
+  X(rmsprop_bf16_bf16##SUFFIX, bf16, bf16, MOM, CEN) \
+  X(rmsprop_bf16_f32##SUFFIX, bf16, float, MOM, CEN)
+#define RMSPROP_ENTRY_POINTS(X)          \
+  RMSPROP_LAYOUTS(X, false, false, _plain) \
+  RMSPROP_LAYOUTS(X, true, false, _momentum) \
+  RMSPROP_LAYOUTS(X, false, true, _centered) \
+  RMSPROP_LAYOUTS(X, true, true, _centered_momentum)
+
+#define RMSPROP_DEFINE(NAME, P, S, MOM, CEN)                                                 \
+  extern "C" __global__ void __launch_bounds__(RMSPROP_THREADS) NAME(RMSPROP_PARAMS) { \
+    rmsprop_block<P, S, MOM, CEN>(RMSPROP_ARGS);                                          \
+  }
+RMSPROP_ENTRY_POINTS(RMSPROP_DEFINE)

@@ -1,0 +1,126 @@
+"""Fused multi-tensor RMSprop step in Triton: one launch updates every tensor of a group in one pass.
+
+Contract (shared with kernels/rmsprop.cu, built by rmsprop_gpu/backends/_tables.py):
+  tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel, 0
+  blocks:  int64 [B]    = (tensor << 32) | chunk; program b updates chunk * BLOCK .. + BLOCK of that tensor
+Hyperparameters are runtime arguments (a new lr/alpha/eps never compiles a new kernel); the switches that
+change what is read or computed are constexpr. Math is float32; stores round to nearest even.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _to_storage(x, DTYPE: tl.constexpr):
+    """float32 -> storage dtype, round to nearest even (by hand for bf16: the interpreter truncates)."""
+    if tl.bfloat16 == DTYPE:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    p = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)  # lets the compiler emit 128-bit loads and stores
+    return p
+
+
+@triton.jit
+def _update_chunk(
+    p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale,
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+    EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
+    FULL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    if FULL_ALIGNED:
+        mask = None  # whole chunk in bounds: no predicate, so loads vectorize
+    pp = _ptr(p_addr, P_DTYPE, FULL_ALIGNED) + offs
+    gp = _ptr(g_addr, P_DTYPE, FULL_ALIGNED) + offs
+    vp = _ptr(v_addr, S_DTYPE, FULL_ALIGNED) + offs
+    p = tl.load(pp, mask=mask).to(tl.float32)
+    g = tl.load(gp, mask=mask).to(tl.float32)
+    v = tl.load(vp, mask=mask).to(tl.float32)
+    if GRAD_SCALE:
+        g = tl.div_rn(g, grad_scale)  # exactly torch's unscale
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:
+        g = g + weight_decay * p
+    v = alpha * v + one_minus_alpha * (g * g)
+    if CENTERED:
+        ap = _ptr(a_addr, S_DTYPE, FULL_ALIGNED) + offs
+        ga = tl.load(ap, mask=mask).to(tl.float32)
+        ga = ga + one_minus_alpha * (g - ga)
+        var = v - ga * ga
+        tl.store(ap, _to_storage(ga, S_DTYPE), mask=mask)
+    else:
+        var = v
+    if EPS_IN_SQRT:
+        denom = tl.sqrt_rn(var + eps)
+    else:
+        denom = tl.sqrt_rn(var) + eps
+    if MOMENTUM:
+        bp = _ptr(b_addr, S_DTYPE, FULL_ALIGNED) + offs
+        buf = tl.load(bp, mask=mask).to(tl.float32)
+        buf = momentum * buf + tl.div_rn(g, denom)
+        tl.store(bp, _to_storage(buf, S_DTYPE), mask=mask)
+        p = p - lr * buf
+    else:
+        p = p - lr * tl.div_rn(g, denom)
+    tl.store(vp, _to_storage(v, S_DTYPE), mask=mask)
+    tl.store(pp, _to_storage(p, P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _rmsprop_kernel(
+    tensors, blocks,
+    lr, lr_ptr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale_ptr, found_inf_ptr,
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+    EPS_IN_SQRT: tl.constexpr, LR_ON_DEVICE: tl.constexpr, GRAD_SCALE: tl.constexpr, FOUND_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    found = 0.0
+    if FOUND_INF:
+        found = tl.load(found_inf_ptr)
+    if found == 0.0:  # a step with inf/NaN grads writes nothing (GradScaler's skip)
+        info = tl.load(blocks + tl.program_id(0))
+        row = tensors + (info >> 32) * 8
+        chunk = info & 0xFFFFFFFF
+        p_addr = tl.load(row + 0)
+        g_addr = tl.load(row + 1)
+        v_addr = tl.load(row + 2)
+        b_addr = tl.load(row + 3)
+        a_addr = tl.load(row + 4)
+        step_addr = tl.load(row + 5)
+        numel = tl.load(row + 6)
+        start = chunk * BLOCK  # int64: tensors beyond 2**31 elements are fine
+        if LR_ON_DEVICE:
+            lr = tl.load(lr_ptr)
+        grad_scale = 1.0
+        if GRAD_SCALE:
+            grad_scale = tl.load(grad_scale_ptr)
+        aligned = ((p_addr | g_addr | v_addr | b_addr | a_addr) & 15) == 0
+        if aligned and (start + BLOCK <= numel):
+            _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
+                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale,
+                          P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
+                          True, BLOCK)
+        else:
+            _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
+                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale,
+                          P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
+                          False, BLOCK)
+        if (chunk == 0) and (step_addr != 0):
+            sp = step_addr.to(tl.pointer_type(tl.float32))
+            tl.store(sp, tl.load(sp) + 1.0)

@@ -1,0 +1,11 @@
+"""rmsprop-gpu: fused multi-tensor RMSprop for GPUs (Triton and CuPy kernels) with a pure-torch CPU path.
+
+Importing this package touches no device and imports neither triton nor cupy.
+"""
+
+from .backends import ENV_VAR, BackendUnavailableError, available_backends
+from .functional import rmsprop
+from .optimizer import RMSprop
+
+__version__ = "0.1.0"
+__all__ = ["RMSprop", "rmsprop", "available_backends", "BackendUnavailableError", "ENV_VAR", "__version__"]

@@ -1,0 +1,218 @@
+"""The step contract every backend implements: hyperparameters, tensor groups, validation.
+
+Validation happens here, before any backend writes anything, so a step that fails leaves every
+parameter and state tensor untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import _arrays as arr
+
+STATE_KEYS = ("square_avg", "momentum_buffer", "grad_avg")
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+SIXTEEN_BIT = ("float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Hyperparameters and switches of one step (runtime values; none of them selects a kernel)."""
+
+    lr: float | torch.Tensor
+    alpha: float
+    eps: float
+    weight_decay: float
+    momentum: float
+    centered: bool
+    maximize: bool
+    eps_in_sqrt: bool
+    capturable: bool = False
+    grad_scale: Any = None  # device scalar: grads are divided by it (GradScaler hands it over)
+    found_inf: Any = None  # device scalar: nonzero skips the whole update, steps included
+
+
+@dataclass
+class Group:
+    """Tensors of one (device, param dtype, state dtype): what one kernel launch updates."""
+
+    device: torch.device
+    param_dtype: str
+    state_dtype: str
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    square_avgs: list = field(default_factory=list)
+    momentum_buffers: list | None = None
+    grad_avgs: list | None = None
+    steps: list | None = None  # step counters (float32 scalars) or None when the caller keeps none
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def split(self) -> list[Group]:
+        """One group per tensor (for foreach=False: one launch per tensor, the classic layout)."""
+        out = []
+        for i in range(len(self)):
+            out.append(
+                Group(
+                    self.device,
+                    self.param_dtype,
+                    self.state_dtype,
+                    [self.params[i]],
+                    [self.grads[i]],
+                    [self.square_avgs[i]],
+                    None if self.momentum_buffers is None else [self.momentum_buffers[i]],
+                    None if self.grad_avgs is None else [self.grad_avgs[i]],
+                    None if self.steps is None else [self.steps[i]],
+                )
+            )
+        return out
+
+
+def _check_nonneg(name: str, value: float) -> None:
+    if not value >= 0.0:  # also refuses NaN
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+def validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, read_tensor_lr: bool = True) -> None:
+    """The checks and messages of torch.optim.RMSprop, plus NaN/inf where torch would let them through."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not (lr.is_floating_point()):
+            raise ValueError(f"Tensor lr must be floating point, got {lr.dtype}")
+        if read_tensor_lr and lr.device.type == "cpu":
+            _check_nonneg("learning rate", float(lr))
+    else:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise ValueError(f"Invalid learning rate: {lr!r} (expected a float or a 1-element Tensor)")
+        _check_nonneg("learning rate", lr)
+        if math.isinf(lr):
+            raise ValueError(f"Invalid learning rate: {lr}")
+    _check_nonneg("epsilon value", eps)
+    _check_nonneg("momentum value", momentum)
+    _check_nonneg("weight_decay value", weight_decay)
+    _check_nonneg("alpha value", alpha)
+    for name, v in (("epsilon value", eps), ("momentum value", momentum),
+                    ("weight_decay value", weight_decay), ("alpha value", alpha)):
+        if math.isinf(v):
+            raise ValueError(f"Invalid {name}: {v}")
+
+
+def _as_real(t):
+    return torch.view_as_real(t) if isinstance(t, torch.Tensor) and t.is_complex() else t
+
+
+def _check_state(i: int, name: str, param, state, param_dtype: str) -> str:
+    if state is None:
+        raise ValueError(f"{name}[{i}] is missing")
+    if arr.is_sparse(state):
+        raise RuntimeError(f"{name}[{i}] is sparse; RMSprop state must be dense")
+    if tuple(state.shape) != tuple(param.shape):
+        raise ValueError(f"{name}[{i}] has shape {tuple(state.shape)}, its param {tuple(param.shape)}")
+    if arr.device_of(state) != arr.device_of(param):
+        raise ValueError(f"{name}[{i}] is on {arr.device_of(state)}, its param on {arr.device_of(param)}")
+    sd = arr.dtype_name(state)
+    if sd != param_dtype and not (param_dtype in SIXTEEN_BIT and sd == "float32"):
+        raise ValueError(
+            f"{name}[{i}] has dtype {sd}; state must have its param's dtype ({param_dtype})"
+            + (" or float32" if param_dtype in SIXTEEN_BIT else "")
+        )
+    return sd
+
+
+def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, hyper: Hyper) -> list[Group]:
+    """Check every tensor and group them by (device, param dtype, state dtype). Writes nothing."""
+    n = len(params)
+    if len(grads) != n or len(square_avgs) != n:
+        raise ValueError(
+            f"params, grads and square_avgs must have the same length, got {n}, {len(grads)}, {len(square_avgs)}"
+        )
+    use_mom = hyper.momentum > 0
+    momentum_buffers = list(momentum_buffers or [])
+    grad_avgs = list(grad_avgs or [])
+    if use_mom and len(momentum_buffers) != n:
+        raise ValueError(f"momentum > 0 needs one momentum buffer per param, got {len(momentum_buffers)} for {n}")
+    if not use_mom and momentum_buffers:
+        raise ValueError("momentum buffers were given but momentum == 0")
+    if hyper.centered and len(grad_avgs) != n:
+        raise ValueError(f"centered=True needs one grad_avg per param, got {len(grad_avgs)} for {n}")
+    if not hyper.centered and grad_avgs:
+        raise ValueError("grad_avgs were given but centered=False")
+    steps = list(steps) if steps is not None else []
+    if steps and len(steps) != n:
+        raise ValueError(f"state_steps must have one entry per param, got {len(steps)} for {n}")
+    for i, s in enumerate(steps):
+        if not isinstance(s, torch.Tensor) or s.numel() != 1 or not s.is_floating_point():
+            raise ValueError(f"state_steps[{i}] must be a floating-point 1-element tensor")
+
+    groups: dict[tuple, Group] = {}
+    seen: set[int] = set()
+    for i in range(n):
+        p, g = params[i], grads[i]
+        if not arr.is_array(p):
+            raise TypeError(f"params[{i}] must be a torch.Tensor or cupy.ndarray, got {type(p).__name__}")
+        if g is None:
+            raise ValueError(f"grads[{i}] is None; pass only params that have a gradient")
+        if arr.is_sparse(g):
+            raise RuntimeError("RMSprop does not support sparse gradients")
+        if not arr.is_array(g) or arr.is_cupy(g) != arr.is_cupy(p):
+            raise TypeError(f"grads[{i}] must be an array of the same library as its param")
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, its param {tuple(p.shape)}")
+        if arr.dtype_name(g) != arr.dtype_name(p):
+            raise ValueError(f"grads[{i}] has dtype {arr.dtype_name(g)}, its param {arr.dtype_name(p)}")
+        if arr.device_of(g) != arr.device_of(p):
+            raise ValueError(f"grads[{i}] is on {arr.device_of(g)}, its param on {arr.device_of(p)}")
+        if arr.ptr(p) in seen and arr.numel(p) > 0:
+            raise ValueError(f"params[{i}] shares memory with another param in the same step")
+        seen.add(arr.ptr(p))
+        p_r, g_r = _as_real(p), _as_real(g)
+        pd = arr.dtype_name(p_r)
+        if pd not in FLOAT_DTYPES:
+            raise TypeError(f"params[{i}] has dtype {arr.dtype_name(p)}; RMSprop needs floating-point params")
+        v = _as_real(square_avgs[i])
+        sd = _check_state(i, "square_avgs", p_r, v, pd)
+        b = a = None
+        if use_mom:
+            b = _as_real(momentum_buffers[i])
+            if _check_state(i, "momentum_buffer_list", p_r, b, pd) != sd:
+                raise ValueError(f"momentum_buffer_list[{i}] and square_avgs[{i}] must share a dtype")
+        if hyper.centered:
+            a = _as_real(grad_avgs[i])
+            if _check_state(i, "grad_avgs", p_r, a, pd) != sd:
+                raise ValueError(f"grad_avgs[{i}] and square_avgs[{i}] must share a dtype")
+        dev = arr.device_of(p)
+        key = (dev, pd, sd)
+        grp = groups.get(key)
+        if grp is None:
+            grp = groups[key] = Group(
+                dev, pd, sd,
+                momentum_buffers=[] if use_mom else None,
+                grad_avgs=[] if hyper.centered else None,
+                steps=[] if steps else None,
+            )
+        grp.params.append(p_r)
+        grp.grads.append(g_r)
+        grp.square_avgs.append(v)
+        if use_mom:
+            grp.momentum_buffers.append(b)
+        if hyper.centered:
+            grp.grad_avgs.append(a)
+        if steps:
+            grp.steps.append(steps[i])
+    _check_scalars(hyper)
+    return list(groups.values())
+
+
+def _check_scalars(hyper: Hyper) -> None:
+    for name in ("grad_scale", "found_inf"):
+        t = getattr(hyper, name)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point 1-element tensor")

@@ -1,0 +1,42 @@
+"""The interface every backend implements. The frontend never branches on a backend's name."""
+
+from __future__ import annotations
+
+import torch
+
+from .._contract import Group, Hyper
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says what is missing."""
+
+
+class Backend:
+    name: str = "?"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """None when this backend can run on `device`, else why not (what is missing)."""
+        raise NotImplementedError
+
+    def unsupported_reason(self, group: Group, hyper: Hyper) -> str | None:
+        """None when this backend handles the group's dtypes, arrays and options, else why not."""
+        return None
+
+    def step(self, group: Group, hyper: Hyper) -> None:
+        """Update params and state of the group in place (and advance its step counters)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Extra facts for available_backends() (versions, compile time...)."""
+        return {}
+
+
+def advance_steps(steps, found_inf) -> None:
+    """Add 1 to each step counter unless found_inf is set (skipped steps are not counted)."""
+    if not steps:
+        return
+    if found_inf is None:
+        torch._foreach_add_(steps, 1.0)
+        return
+    for s in steps:  # no host read: 1 - (found_inf != 0), moved to the counter's device
+        s.add_((found_inf == 0).to(device=s.device, dtype=s.dtype))

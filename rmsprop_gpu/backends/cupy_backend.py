@@ -1,0 +1,138 @@
+"""CuPy backend: kernels/rmsprop.cu through cupy.RawModule, one launch per tensor group.
+
+Takes torch CUDA tensors (launched on torch's current stream) and CuPy arrays (on CuPy's current
+stream), so a CuPy user needs no torch tensors. The module factory is a seam: tests put a module
+compiled for the CPU (tests/cuda_cpu) in its place, so this file's own table building, argument
+marshalling and launch configuration are what the CPU tests drive.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from importlib import resources
+
+import numpy as np
+import torch
+
+from .. import _arrays as arr
+from .._contract import Group, Hyper
+from ._tables import BLOCK, TableCache, kernel_unsupported_reason, prepare_launch, upload_torch
+from .base import Backend
+
+THREADS = 256  # BLOCK / THREADS = 8 elements per thread
+_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+_LAYOUT = {(False, False): "plain", (True, False): "momentum", (False, True): "centered",
+           (True, True): "centered_momentum"}
+assert BLOCK == 2048  # kernels/rmsprop.cu hard-codes the chunk size of the table contract
+
+
+def kernel_source() -> str:
+    return resources.files("rmsprop_gpu.kernels").joinpath("rmsprop.cu").read_text()
+
+
+def kernel_name(param_dtype: str, state_dtype: str, momentum: bool, centered: bool) -> str:
+    return f"rmsprop_{_SHORT[param_dtype]}_{_SHORT[state_dtype]}_{_LAYOUT[momentum, centered]}"
+
+
+def _cupy_module(device: torch.device):
+    import cupy
+
+    with cupy.cuda.Device(device.index or 0):
+        return cupy.RawModule(code=kernel_source(), options=("--std=c++17",))
+
+
+def _upload(a: np.ndarray, group: Group):
+    if arr.is_cupy(group.params[0]):
+        import cupy
+
+        with cupy.cuda.Device(group.device.index or 0):
+            return cupy.asarray(a)
+    return upload_torch(a, group)
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+
+    def __init__(self):
+        self.tables = TableCache(_upload)
+        self.launches = 0
+        self._factory: Callable = _cupy_module
+        self._factory_devices: tuple[str, ...] = ("cuda",)
+        self._modules: dict[str, object] = {}
+
+    def use_module_factory(self, factory: Callable | None, device_types: tuple[str, ...] = ("cpu",)) -> None:
+        """Test seam: build modules with `factory(device)` for these device types (None restores CuPy)."""
+        self._factory = factory or _cupy_module
+        self._factory_devices = device_types if factory else ("cuda",)
+        self._modules.clear()
+        self.tables.clear()
+
+    def unavailable_reason(self, device):
+        if device.type not in self._factory_devices:
+            return f"CuPy kernels need a CUDA device, got {device.type}"
+        if self._factory is not _cupy_module:
+            return None
+        if importlib.util.find_spec("cupy") is None:
+            return "cupy is not installed (pip install 'rmsprop-gpu[cupy-cuda13]' or '[cupy-cuda12]')"
+        try:
+            import cupy
+
+            n = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # CUDARuntimeError without a driver, ImportError of a broken install
+            return f"CuPy cannot reach a GPU ({type(e).__name__}: {e})"
+        if (device.index or 0) >= n:
+            return f"CuPy sees {n} CUDA device(s), not {device}"
+        return None
+
+    def unsupported_reason(self, group: Group, hyper: Hyper):
+        if arr.is_cupy(group.params[0]):
+            if group.param_dtype == "bfloat16":
+                return "CuPy arrays have no bfloat16 (use torch tensors for bf16)"
+            for name in ("lr", "grad_scale", "found_inf"):
+                if isinstance(getattr(hyper, name), torch.Tensor) and getattr(hyper, name).device.type != "cpu":
+                    return f"{name} must be a float (or CPU tensor) with CuPy arrays"
+        return kernel_unsupported_reason(group)
+
+    def describe(self):
+        if self._factory is not _cupy_module:
+            return {"module": "test module factory"}
+        import cupy
+
+        return {"version": cupy.__version__}
+
+    def module(self, device: torch.device):
+        key = str(device)
+        mod = self._modules.get(key)
+        if mod is None:
+            mod = self._modules[key] = self._factory(device)
+        return mod
+
+    def _stream(self, group: Group):
+        if group.device.type != "cuda":
+            return None
+        import cupy
+
+        if arr.is_cupy(group.params[0]):
+            return cupy.cuda.get_current_stream()
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream(group.device).cuda_stream)
+
+    def step(self, group: Group, hyper: Hyper) -> None:
+        launch = prepare_launch(group, hyper, self.tables)
+        name = kernel_name(group.param_dtype, group.state_dtype,
+                           group.momentum_buffers is not None, group.grad_avgs is not None)
+        fn = self.module(group.device).get_function(name)
+
+        def ptr(x):
+            return np.uint64(arr.ptr(x) if x is not None else 0)
+
+        args = (
+            ptr(launch.tensors), ptr(launch.blocks),
+            np.float32(launch.lr), ptr(launch.lr_tensor),
+            np.float32(hyper.alpha), np.float32(1.0 - hyper.alpha), np.float32(hyper.eps), np.float32(hyper.weight_decay),
+            np.float32(hyper.momentum), ptr(launch.grad_scale), ptr(launch.found_inf),
+            np.int32(launch.flags),
+        )
+        fn((launch.n_blocks,), (THREADS,), args, stream=self._stream(group))
+        self.launches += 1
+        launch.finish()

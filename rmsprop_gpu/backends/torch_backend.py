@@ -1,0 +1,84 @@
+"""Pure-torch multi-tensor RMSprop: the CPU path, the fallback, and (run in float64) the test oracle.
+
+Math runs in float32 for 16-bit storage (float64 for float64) and is cast once on store, like the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._contract import Group, Hyper
+from .base import Backend, advance_steps
+
+_TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32,
+                 "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _compute_copies(ts: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    return [t if t.dtype == dtype else t.to(dtype) for t in ts]
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def unavailable_reason(self, device):
+        return None
+
+    def unsupported_reason(self, group, hyper):
+        if any(not isinstance(t, torch.Tensor) for t in group.params):
+            return "the torch backend takes torch tensors, not CuPy arrays"
+        return None
+
+    def step(self, group: Group, hyper: Hyper) -> None:
+        found_inf = hyper.found_inf
+        if found_inf is not None and bool(found_inf.item() != 0):  # reference path: a host read is fine here
+            return
+        cdt = torch.float64 if group.param_dtype == "float64" else torch.float32
+        params, grads, vs = group.params, group.grads, group.square_avgs
+        P = _compute_copies(params, cdt)
+        V = _compute_copies(vs, cdt)
+        G = _compute_copies(grads, cdt)
+        B = _compute_copies(group.momentum_buffers, cdt) if group.momentum_buffers is not None else None
+        A = _compute_copies(group.grad_avgs, cdt) if group.grad_avgs is not None else None
+
+        if hyper.grad_scale is not None:
+            G = torch._foreach_div(G, hyper.grad_scale.to(device=group.device, dtype=cdt))
+        if hyper.maximize:
+            G = torch._foreach_neg(G)
+        if hyper.weight_decay != 0:
+            G = torch._foreach_add(G, P, alpha=hyper.weight_decay)
+        alpha = hyper.alpha
+        torch._foreach_mul_(V, alpha)
+        torch._foreach_addcmul_(V, G, G, value=1 - alpha)
+        if A is not None:
+            torch._foreach_lerp_(A, G, 1 - alpha)
+            denom = torch._foreach_addcmul(V, A, A, value=-1)
+        else:
+            denom = [v.clone() for v in V]
+        if hyper.eps_in_sqrt:
+            torch._foreach_add_(denom, hyper.eps)
+            torch._foreach_sqrt_(denom)
+        else:
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, hyper.eps)
+
+        lr = hyper.lr
+        if isinstance(lr, torch.Tensor):
+            lr = lr.to(device=group.device, dtype=cdt) if hyper.capturable else float(lr)
+        if B is not None:
+            torch._foreach_mul_(B, hyper.momentum)
+            torch._foreach_addcdiv_(B, G, denom)
+            upd = B
+        else:
+            upd = torch._foreach_div(G, denom)
+        if isinstance(lr, torch.Tensor):
+            torch._foreach_sub_(P, torch._foreach_mul(upd, lr))
+        else:
+            torch._foreach_add_(P, upd, alpha=-lr)
+
+        for dst, src in ((params, P), (vs, V), (group.momentum_buffers, B), (group.grad_avgs, A)):
+            if src is not None:
+                for d, s in zip(dst, src):
+                    if d is not s:
+                        d.copy_(s)
+        advance_steps(group.steps, None)

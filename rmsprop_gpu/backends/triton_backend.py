@@ -1,0 +1,123 @@
+"""Triton backend: kernels/rmsprop.py, one launch per tensor group.
+
+On CUDA tensors it is the default. On CPU tensors it runs only under TRITON_INTERPRET=1 (Triton's
+interpreter executes the same kernel text), which is how the tests exercise it without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import torch
+
+from .._contract import Group, Hyper
+from ._tables import (
+    BLOCK,
+    EPS_IN_SQRT,
+    FOUND_INF,
+    GRAD_SCALE,
+    LR_ON_DEVICE,
+    MAXIMIZE,
+    WEIGHT_DECAY,
+    TableCache,
+    kernel_unsupported_reason,
+    prepare_launch,
+    upload_torch,
+)
+from .base import Backend
+
+NUM_WARPS = 8  # 256 threads x 8 elements = BLOCK
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def constexprs(param_dtype: str, state_dtype: str, flags: int, momentum: bool, centered: bool) -> dict:
+    """The compile-time switches of one launch: dtypes and variant flags, never a hyperparameter value."""
+    import triton.language as tl
+
+    return dict(
+        P_DTYPE=getattr(tl, param_dtype), S_DTYPE=getattr(tl, state_dtype),
+        MAXIMIZE=bool(flags & MAXIMIZE), WEIGHT_DECAY=bool(flags & WEIGHT_DECAY),
+        MOMENTUM=momentum, CENTERED=centered, EPS_IN_SQRT=bool(flags & EPS_IN_SQRT),
+        LR_ON_DEVICE=bool(flags & LR_ON_DEVICE), GRAD_SCALE=bool(flags & GRAD_SCALE),
+        FOUND_INF=bool(flags & FOUND_INF), BLOCK=BLOCK,
+    )
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self):
+        self._kernel = None
+        self.tables = TableCache(upload_torch)
+        self.launches = 0
+        self.first_launch_seconds: dict[tuple, float] = {}  # compile (or cache load) + first launch
+
+    def unavailable_reason(self, device):
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install 'rmsprop-gpu[triton]')"
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "torch sees no CUDA device (CPU-only torch build or no GPU)"
+            return None
+        if device.type == "cpu":
+            if interpreting():
+                return None
+            return "Triton kernels need a CUDA device (TRITON_INTERPRET=1 runs them on the CPU, slowly)"
+        return f"Triton does not run on {device.type} tensors"
+
+    def unsupported_reason(self, group: Group, hyper: Hyper):
+        if any(not isinstance(t, torch.Tensor) for t in group.params):
+            return "the Triton backend takes torch tensors (use backend='cupy' for CuPy arrays)"
+        return kernel_unsupported_reason(group)
+
+    def kernel(self):
+        if self._kernel is None:
+            from ..kernels import rmsprop as k  # TRITON_INTERPRET is read when this module is imported
+
+            self._kernel = k._rmsprop_kernel
+        return self._kernel
+
+    def describe(self):
+        import triton
+
+        return {
+            "version": triton.__version__,
+            "interpreter": interpreting(),
+            "compiled_variants": len(self.first_launch_seconds),
+            "first_launch_seconds": {str(k): round(v, 3) for k, v in self.first_launch_seconds.items()},
+        }
+
+    def step(self, group: Group, hyper: Hyper) -> None:
+        launch = prepare_launch(group, hyper, self.tables)
+        kernel = self.kernel()
+        cx = constexprs(group.param_dtype, group.state_dtype, launch.flags,
+                        group.momentum_buffers is not None, group.grad_avgs is not None)
+        dummy = launch.tensors  # any valid pointer for arguments a variant never reads
+        key = (group.param_dtype, group.state_dtype, launch.flags, cx["MOMENTUM"], cx["CENTERED"])
+        t0 = time.perf_counter() if key not in self.first_launch_seconds else None
+        with torch.cuda.device(group.device) if group.device.type == "cuda" else _nullctx():
+            kernel[(launch.n_blocks,)](
+                launch.tensors, launch.blocks,
+                launch.lr, launch.lr_tensor if launch.lr_tensor is not None else dummy,
+                float(hyper.alpha), 1.0 - hyper.alpha, float(hyper.eps), float(hyper.weight_decay), float(hyper.momentum),
+                launch.grad_scale if launch.grad_scale is not None else dummy,
+                launch.found_inf if launch.found_inf is not None else dummy,
+                **cx, num_warps=NUM_WARPS,
+            )
+        if t0 is not None:
+            self.first_launch_seconds[key] = time.perf_counter() - t0
+        self.launches += 1
+        launch.finish()
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
