@@ -68,8 +68,11 @@ class RMSprop(Optimizer):
                 raise RuntimeError("RMSprop does not support sparse gradients")
             state = dict(self.state.get(p, {}))
             new = {}
-            zeros = lambda: torch.zeros_like(p, dtype=self._state_dtype(p, group),  # noqa: E731
-                                             memory_format=torch.preserve_format)
+            sd = self._state_dtype(p, group)
+
+            def zeros(p=p, sd=sd):
+                return torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+
             if "step" not in state:
                 on_device = group["capturable"] or p.device.type == "cuda"
                 new["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")

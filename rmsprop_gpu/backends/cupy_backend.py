@@ -129,7 +129,8 @@ class CupyBackend(Backend):
         args = (
             ptr(launch.tensors), ptr(launch.blocks),
             np.float32(launch.lr), ptr(launch.lr_tensor),
-            np.float32(hyper.alpha), np.float32(1.0 - hyper.alpha), np.float32(hyper.eps), np.float32(hyper.weight_decay),
+            np.float32(hyper.alpha), np.float32(1.0 - hyper.alpha), np.float32(hyper.eps),
+            np.float32(hyper.weight_decay),
             np.float32(hyper.momentum), ptr(launch.grad_scale), ptr(launch.found_inf),
             np.int32(launch.flags),
         )

@@ -104,7 +104,8 @@ class TritonBackend(Backend):
             kernel[(launch.n_blocks,)](
                 launch.tensors, launch.blocks,
                 launch.lr, launch.lr_tensor if launch.lr_tensor is not None else dummy,
-                float(hyper.alpha), 1.0 - hyper.alpha, float(hyper.eps), float(hyper.weight_decay), float(hyper.momentum),
+                float(hyper.alpha), 1.0 - hyper.alpha, float(hyper.eps),
+                float(hyper.weight_decay), float(hyper.momentum),
                 launch.grad_scale if launch.grad_scale is not None else dummy,
                 launch.found_inf if launch.found_inf is not None else dummy,
                 **cx, num_warps=NUM_WARPS,
