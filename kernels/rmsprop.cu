@@ -90,15 +90,36 @@ template <typename T> __device__ __forceinline__ uint4 pack(const float* in, T*)
   return r;
 }
 
+// Addresses come from the tensor table, so the compiler cannot tell they are global: say it explicitly
+// (ld.global/st.global instead of generic ld/st).
+__device__ __forceinline__ uint4 load_global_128(const void* ptr) {
+#ifdef __CUDA_ARCH__
+  uint4 r;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(ptr));
+  return r;
+#else
+  return *reinterpret_cast<const uint4*>(ptr);
+#endif
+}
+__device__ __forceinline__ void store_global_128(void* ptr, const uint4& r) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
+               :: "l"(ptr), "r"(r.x), "r"(r.y), "r"(r.z), "r"(r.w) : "memory");
+#else
+  *reinterpret_cast<uint4*>(ptr) = r;
+#endif
+}
+
 template <typename T, int N> __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[N]) {
 #pragma unroll
   for (int k = 0; k < N / Packet<T>::N; ++k)
-    unpack(reinterpret_cast<const uint4*>(ptr)[k], out + k * Packet<T>::N, (T*)0);
+    unpack(load_global_128(ptr + k * Packet<T>::N), out + k * Packet<T>::N, (T*)0);
 }
 template <typename T, int N> __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[N]) {
 #pragma unroll
   for (int k = 0; k < N / Packet<T>::N; ++k)
-    reinterpret_cast<uint4*>(ptr)[k] = pack(in + k * Packet<T>::N, (T*)0);
+    store_global_128(ptr + k * Packet<T>::N, pack(in + k * Packet<T>::N, (T*)0));
 }
 
 struct Hyper {

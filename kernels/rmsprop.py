@@ -24,8 +24,9 @@ def _to_storage(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p = addr.to(tl.pointer_type(DTYPE))
+def _ptr(addr, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Scalar base pointer of this chunk: int64 math once per program, int32 offsets per element."""
+    p = addr.to(tl.pointer_type(DTYPE)) + start
     if ALIGNED:
         p = tl.multiple_of(p, 16)  # lets the compiler emit 128-bit loads and stores
     return p
@@ -40,13 +41,13 @@ def _update_chunk(
     EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
     FULL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
+    offs = tl.arange(0, BLOCK)
+    mask = offs < numel - start
     if FULL_ALIGNED:
         mask = None  # whole chunk in bounds: no predicate, so loads vectorize
-    pp = _ptr(p_addr, P_DTYPE, FULL_ALIGNED) + offs
-    gp = _ptr(g_addr, P_DTYPE, FULL_ALIGNED) + offs
-    vp = _ptr(v_addr, S_DTYPE, FULL_ALIGNED) + offs
+    pp = _ptr(p_addr, start, P_DTYPE, FULL_ALIGNED) + offs
+    gp = _ptr(g_addr, start, P_DTYPE, FULL_ALIGNED) + offs
+    vp = _ptr(v_addr, start, S_DTYPE, FULL_ALIGNED) + offs
     p = tl.load(pp, mask=mask).to(tl.float32)
     g = tl.load(gp, mask=mask).to(tl.float32)
     v = tl.load(vp, mask=mask).to(tl.float32)
@@ -58,7 +59,7 @@ def _update_chunk(
         g = g + weight_decay * p
     v = alpha * v + one_minus_alpha * (g * g)
     if CENTERED:
-        ap = _ptr(a_addr, S_DTYPE, FULL_ALIGNED) + offs
+        ap = _ptr(a_addr, start, S_DTYPE, FULL_ALIGNED) + offs
         ga = tl.load(ap, mask=mask).to(tl.float32)
         ga = ga + one_minus_alpha * (g - ga)
         var = v - ga * ga
@@ -70,7 +71,7 @@ def _update_chunk(
     else:
         denom = tl.sqrt_rn(var) + eps
     if MOMENTUM:
-        bp = _ptr(b_addr, S_DTYPE, FULL_ALIGNED) + offs
+        bp = _ptr(b_addr, start, S_DTYPE, FULL_ALIGNED) + offs
         buf = tl.load(bp, mask=mask).to(tl.float32)
         buf = momentum * buf + tl.div_rn(g, denom)
         tl.store(bp, _to_storage(buf, S_DTYPE), mask=mask)

@@ -28,7 +28,7 @@ from ._tables import (
 )
 from .base import Backend
 
-NUM_WARPS = 8  # 256 threads x 8 elements = BLOCK
+NUM_WARPS = 8  # 256 threads x 8 elements = BLOCK: 128-bit accesses for every dtype
 
 
 def interpreting() -> bool:
