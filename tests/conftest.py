@@ -1,0 +1,19 @@
+"""Every kernel test runs the real kernel text on the CPU: Triton through its interpreter, the CUDA C source
+compiled by g++ (tests/cuda_cpu) behind the CuPy backend's module seam. Nothing is skipped for lack of a GPU."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when kernels/rmsprop.py is imported: set before anything imports it
+os.environ.pop("RMSPROP_GPU_BACKEND", None)
+
+import pytest  # noqa: E402
+
+from rmsprop_gpu.backends import BACKENDS  # noqa: E402
+from tests.cuda_cpu.cpu_module import cpu_module_factory  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cuda_source_on_cpu():
+    BACKENDS["cupy"].use_module_factory(cpu_module_factory, device_types=("cpu",))
+    yield
+    BACKENDS["cupy"].use_module_factory(None)
