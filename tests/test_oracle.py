@@ -72,9 +72,9 @@ def assert_step_matches_oracle(before, after, kw, dtype_of):
     for i in range(len(p0)):
         exp = reference_step(p0[i], g0[i], v0[i], b0[i] if b0 else None, a0[i] if a0 else None,
                              grad_scale=kw.get("grad_scale"), found_inf=kw.get("found_inf"), **okw)
-        for name, got, want, t in (("param", p1[i], exp[0], p0[i]), ("square_avg", v1[i], exp[1], v0[i]),
-                                   ("momentum_buffer", b1[i] if b1 else None, exp[2], None),
-                                   ("grad_avg", a1[i] if a1 else None, exp[3], None)):
+        for name, got, want in (("param", p1[i], exp[0]), ("square_avg", v1[i], exp[1]),
+                                ("momentum_buffer", b1[i] if b1 else None, exp[2]),
+                                ("grad_avg", a1[i] if a1 else None, exp[3])):
             if got is None:
                 continue
             tol = ORACLE[dtype_of(got)]
