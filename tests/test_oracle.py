@@ -1,5 +1,7 @@
 """Every backend x option x dtype against the float64 oracle, one step at a time, params AND states."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -86,7 +88,7 @@ def assert_step_matches_oracle(before, after, kw, dtype_of):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_five_steps_against_float64_oracle(backend, layout, opt_name):
     opts = OPTIONS[opt_name]
-    gen = torch.Generator().manual_seed(hash((backend, opt_name, str(layout))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{backend}{opt_name}{layout}".encode()))
     pdt, sdt = layout
     mult = opts.get("grad_scale", 1.0)
     params, grads, vs, bufs, gas, steps = make_tensors(gen, pdt, sdt, opts, mult)

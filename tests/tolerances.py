@@ -6,8 +6,11 @@ rtol = one ulp of the storage dtype (four float32 ulps for float32); atol covers
 momentum * buf + g / d has terms up to ~10 (d can be ~0.1) that may cancel to ~0, so the float32 error of
 the terms, ~10 * 2**-23 ~ 1e-6, is absolute, not relative to the result. 1e-5 keeps a 10x margin.
 
-TORCH: several steps against torch.optim.RMSprop run in the same dtype. torch rounds after every op in
-16-bit (we round once), so 16-bit results drift apart by a few ulps over the steps.
+TORCH: five steps against torch.optim.RMSprop (float32 copies for 16-bit params; see test_optimizer.py).
+float32: torch rounds after each op, the kernels fuse; centered + momentum divides by sqrt(v - ga^2), whose
+cancellation amplifies that difference: worst seen 1.8e-5 relative (at |p| ~ 10), so rtol 1e-4.
+16-bit: our params are rounded to 16 bits every step, the reference's are not: a few ulps over 5 steps
+(worst seen over 25 seeds per option: 41% of this tolerance).
 """
 
 ORACLE = {
@@ -19,7 +22,7 @@ ORACLE = {
 
 TORCH = {
     "float64": dict(rtol=1e-12, atol=1e-12),
-    "float32": dict(rtol=1e-5, atol=1e-5),
+    "float32": dict(rtol=1e-4, atol=1e-5),
     "float16": dict(rtol=4 * 2.0**-10, atol=2e-3),
     "bfloat16": dict(rtol=4 * 2.0**-7, atol=2e-2),
 }
