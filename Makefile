@@ -1,0 +1,36 @@
+# Each target sets itself up from nothing: a virtual environment in .venv with pinned dependencies.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements-test.txt pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: test demo bench report lint clean
+
+$(STAMP): requirements-test.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-test.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+test: $(STAMP)  ## the whole suite on the CPU: kernels through the Triton interpreter and a g++ build of the .cu
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -W ignore::RuntimeWarning
+	$(BIN)/python perf/bench.py --smoke > /dev/null
+
+demo: $(STAMP)  ## the main job on the best device: train, self-check every backend, quick benchmark + plot
+	$(BIN)/python perf/demo.py
+
+bench: $(STAMP)  ## the full benchmark suite (GPU: every workload; CPU: small sizes, labelled CPU)
+	$(BIN)/python perf/bench.py
+
+report: $(STAMP)  ## static kernel report (no GPU needed)
+	env -u TRITON_INTERPRET $(BIN)/python -m rmsprop_gpu.kernel_report \
+		--markdown perf/results/static_report.md --json perf/results/static_report.json
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
