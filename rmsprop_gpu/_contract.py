@@ -104,6 +104,9 @@ def validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, read_ten
 
 
 def _as_real(t):
+    """The plain tensor the kernels update: the local shard of a DTensor (FSDP2), the real view of a complex."""
+    if type(t).__name__ == "DTensor":
+        t = t.to_local()
     return torch.view_as_real(t) if isinstance(t, torch.Tensor) and t.is_complex() else t
 
 
@@ -153,7 +156,7 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
     groups: dict[tuple, Group] = {}
     seen: set[int] = set()
     for i in range(n):
-        p, g = params[i], grads[i]
+        p, g = _as_real(params[i]), _as_real(grads[i]) if grads[i] is not None else None
         if not arr.is_array(p):
             raise TypeError(f"params[{i}] must be a torch.Tensor or cupy.ndarray, got {type(p).__name__}")
         if g is None:
@@ -171,7 +174,7 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
         if arr.ptr(p) in seen and arr.numel(p) > 0:
             raise ValueError(f"params[{i}] shares memory with another param in the same step")
         seen.add(arr.ptr(p))
-        p_r, g_r = _as_real(p), _as_real(g)
+        p_r, g_r = p, g
         pd = arr.dtype_name(p_r)
         if pd not in FLOAT_DTYPES:
             raise TypeError(f"params[{i}] has dtype {arr.dtype_name(p)}; RMSprop needs floating-point params")
