@@ -30,7 +30,7 @@ def run_plan(plan: Plan) -> None:
         backend.step(group, hyper)
 
 
-@torch.compiler.disable  # a clean graph break under torch.compile: the launch runs eagerly
+@torch._disable_dynamo  # clean graph break under torch.compile (lazy: dynamo loads at the first call)
 @torch.no_grad()
 def rmsprop(
     params, grads, square_avgs, grad_avgs=None, momentum_buffer_list=None, state_steps=None, *,

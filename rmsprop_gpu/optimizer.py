@@ -95,7 +95,7 @@ class RMSprop(Optimizer):
                 out["grad_avgs"].append(state["grad_avg"])
         return out
 
-    @torch.compiler.disable  # a clean graph break: compiled training steps call the fused kernels eagerly
+    @torch._disable_dynamo  # clean graph break (lazy: imports dynamo at the first call, not at import)
     @torch.no_grad()
     def step(self, closure=None):
         """One fused RMSprop step for every param group; returns closure's loss when given."""

@@ -113,7 +113,7 @@ def test_capturable_keeps_step_and_lr_on_the_device_like_torch():
 # ------------------------------------------------------------------ torch.compile
 @pytest.mark.parametrize("backend", ALL)
 def test_compiled_training_step_calls_our_optimizer(backend):
-    """The step is a clean graph break (torch.compiler.disable): the compiled function runs the kernels eagerly."""
+    """The step is a clean graph break (torch._disable_dynamo): the compiled function runs the kernels eagerly."""
     import torch._dynamo
 
     torch._dynamo.reset()

@@ -8,6 +8,7 @@ marshalling and launch configuration are what the CPU tests drive.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Callable
 from importlib import resources
@@ -121,6 +122,20 @@ class CupyBackend(Backend):
         launch = prepare_launch(group, hyper, self.tables)
         name = kernel_name(group.param_dtype, group.state_dtype,
                            group.momentum_buffers is not None, group.grad_avgs is not None)
+        with self._device(group):  # CuPy loads modules and launches on its current device: make it the group's
+            self._launch(group, hyper, launch, name)
+        self.launches += 1
+        launch.finish()
+
+    @staticmethod
+    def _device(group: Group):
+        if group.device.type != "cuda":
+            return contextlib.nullcontext()
+        import cupy
+
+        return cupy.cuda.Device(group.device.index or 0)
+
+    def _launch(self, group: Group, hyper: Hyper, launch, name: str) -> None:
         fn = self.module(group.device).get_function(name)
 
         def ptr(x):
@@ -135,5 +150,3 @@ class CupyBackend(Backend):
             np.int32(launch.flags),
         )
         fn((launch.n_blocks,), (THREADS,), args, stream=self._stream(group))
-        self.launches += 1
-        launch.finish()
