@@ -21,8 +21,12 @@ def plot(path: Path) -> list[Path]:
     singles = [r for r in rows if r["kind"] == "single"]
     if singles:
         variants = sorted({r["variant"] for r in singles})
-        fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4), squeeze=False)
-        for ax, variant in zip(axes[0], variants):
+        ncol = min(3, len(variants))
+        nrow = (len(variants) + ncol - 1) // ncol
+        fig, axes = plt.subplots(nrow, ncol, figsize=(5.5 * ncol, 4 * nrow), squeeze=False)
+        for ax in axes.flat[len(variants):]:
+            ax.set_visible(False)
+        for ax, variant in zip(axes.flat, variants):
             for prov in sorted({r["provider"] for r in singles}):
                 pts = sorted((r["elements"], r["gbps"]) for r in singles if r["provider"] == prov
                              and r["variant"] == variant)
@@ -33,7 +37,7 @@ def plot(path: Path) -> list[Path]:
             ax.set_xlabel("elements (one tensor)")
             ax.set_ylabel("effective GB/s (minimal bytes / time)")
             ax.set_title(variant)
-        axes[0][0].legend(fontsize=7)
+            ax.legend(fontsize=7)
         fig.suptitle(title)
         fig.tight_layout()
         p = Path(path).with_name(Path(path).stem + "_gbps.png")
