@@ -6,6 +6,7 @@ interpreter executes the same kernel text), which is how the tests exercise it w
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import time
@@ -100,7 +101,7 @@ class TritonBackend(Backend):
         dummy = launch.tensors  # any valid pointer for arguments a variant never reads
         key = (group.param_dtype, group.state_dtype, launch.flags, cx["MOMENTUM"], cx["CENTERED"])
         t0 = time.perf_counter() if key not in self.first_launch_seconds else None
-        with torch.cuda.device(group.device) if group.device.type == "cuda" else _nullctx():
+        with torch.cuda.device(group.device) if group.device.type == "cuda" else contextlib.nullcontext():
             kernel[(launch.n_blocks,)](
                 launch.tensors, launch.blocks,
                 launch.lr, launch.lr_tensor if launch.lr_tensor is not None else dummy,
@@ -114,11 +115,3 @@ class TritonBackend(Backend):
             self.first_launch_seconds[key] = time.perf_counter() - t0
         self.launches += 1
         launch.finish()
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
