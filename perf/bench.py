@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import MODELS, numel  # noqa: E402
 
 import rmsprop_gpu  # noqa: E402
+from rmsprop_gpu.kernel_report import minimum_bytes  # noqa: E402
 
 VARIANTS = {
     "plain": dict(param=torch.float32, state=None, opts={}),
@@ -41,11 +42,11 @@ VARIANTS = {
 
 
 def min_bytes_per_elem(variant: str) -> int:
+    """Bytes read + written per element by a single pass (DESIGN.md), the same table the static report uses."""
     v = VARIANTS[variant]
-    p = torch.finfo(v["param"]).bits // 8
-    s = torch.finfo(v["state"] or v["param"]).bits // 8
-    n_state = 1 + (v["opts"].get("momentum", 0) > 0) + bool(v["opts"].get("centered"))
-    return 3 * p + 2 * n_state * s  # read p, g, states; write p, states
+    name = lambda dt: str(dt).removeprefix("torch.")  # noqa: E731
+    return sum(minimum_bytes(name(v["param"]), name(v["state"] or v["param"]),
+                             v["opts"].get("momentum", 0) > 0, bool(v["opts"].get("centered"))))
 
 
 # ------------------------------------------------------------------ providers
