@@ -174,20 +174,19 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
         if arr.ptr(p) in seen and arr.numel(p) > 0:
             raise ValueError(f"params[{i}] shares memory with another param in the same step")
         seen.add(arr.ptr(p))
-        p_r, g_r = p, g
-        pd = arr.dtype_name(p_r)
+        pd = arr.dtype_name(p)
         if pd not in FLOAT_DTYPES:
             raise TypeError(f"params[{i}] has dtype {arr.dtype_name(p)}; RMSprop needs floating-point params")
         v = _as_real(square_avgs[i])
-        sd = _check_state(i, "square_avgs", p_r, v, pd)
+        sd = _check_state(i, "square_avgs", p, v, pd)
         b = a = None
         if use_mom:
             b = _as_real(momentum_buffers[i])
-            if _check_state(i, "momentum_buffer_list", p_r, b, pd) != sd:
+            if _check_state(i, "momentum_buffer_list", p, b, pd) != sd:
                 raise ValueError(f"momentum_buffer_list[{i}] and square_avgs[{i}] must share a dtype")
         if hyper.centered:
             a = _as_real(grad_avgs[i])
-            if _check_state(i, "grad_avgs", p_r, a, pd) != sd:
+            if _check_state(i, "grad_avgs", p, a, pd) != sd:
                 raise ValueError(f"grad_avgs[{i}] and square_avgs[{i}] must share a dtype")
         dev = arr.device_of(p)
         key = (dev, pd, sd)
@@ -199,8 +198,8 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
                 grad_avgs=[] if hyper.centered else None,
                 steps=[] if steps else None,
             )
-        grp.params.append(p_r)
-        grp.grads.append(g_r)
+        grp.params.append(p)
+        grp.grads.append(g)
         grp.square_avgs.append(v)
         if use_mom:
             grp.momentum_buffers.append(b)
