@@ -50,16 +50,15 @@ class TorchBackend(Backend):
         alpha = hyper.alpha
         torch._foreach_mul_(V, alpha)
         torch._foreach_addcmul_(V, G, G, value=1 - alpha)
+        var = V
         if A is not None:
             torch._foreach_lerp_(A, G, 1 - alpha)
-            denom = torch._foreach_addcmul(V, A, A, value=-1)
-        else:
-            denom = [v.clone() for v in V]
-        if hyper.eps_in_sqrt:
-            torch._foreach_add_(denom, hyper.eps)
+            var = torch._foreach_addcmul(V, A, A, value=-1)
+        if hyper.eps_in_sqrt:  # out of place first: V itself is state and must not change
+            denom = torch._foreach_add(var, hyper.eps)
             torch._foreach_sqrt_(denom)
         else:
-            torch._foreach_sqrt_(denom)
+            denom = torch._foreach_sqrt(var)
             torch._foreach_add_(denom, hyper.eps)
 
         lr = hyper.lr
