@@ -61,29 +61,22 @@ class RMSprop(Optimizer):
     def _gather(self, group, pending: dict):
         """Params with grads and their state; new state goes to `pending`, committed only once all checks pass."""
         out = {k: [] for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")}
+        needed = ["square_avg"] + ["momentum_buffer"] * (group["momentum"] > 0) + ["grad_avg"] * group["centered"]
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("RMSprop does not support sparse gradients")
-            state = dict(self.state.get(p, {}))
-            new = {}
-            sd = self._state_dtype(p, group)
-
-            def zeros(p=p, sd=sd):
-                return torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
-
-            if "step" not in state:
-                on_device = group["capturable"] or p.device.type == "cuda"
-                new["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
-            if "square_avg" not in state:
-                new["square_avg"] = zeros()
-            if group["momentum"] > 0 and "momentum_buffer" not in state:
-                new["momentum_buffer"] = zeros()
-            if group["centered"] and "grad_avg" not in state:
-                new["grad_avg"] = zeros()
-            if new:
-                state.update(new)
+            state = self.state.get(p, {})
+            missing = [k for k in needed if k not in state]
+            if missing or "step" not in state:  # copy only when adding: the live state stays untouched until then
+                state = dict(state)
+                if "step" not in state:
+                    on_device = group["capturable"] or p.device.type == "cuda"
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                for key in missing:
+                    state[key] = torch.zeros_like(p, dtype=self._state_dtype(p, group),
+                                                  memory_format=torch.preserve_format)
                 pending[p] = state
             out["params"].append(p)
             out["grads"].append(p.grad)
