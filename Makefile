@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-test.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test demo bench report lint clean
+.PHONY: test demo bench report lint clean gpu-check gpu-check-cpu
 
 $(STAMP): requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,7 @@ test: $(STAMP)  ## the whole suite on the CPU: kernels through the Triton interp
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -W ignore::RuntimeWarning
 	$(BIN)/python perf/bench.py --smoke > /dev/null
+	$(BIN)/python perf/gpu_check.py --dry-run
 
 demo: $(STAMP)  ## the main job on the best device: train, self-check every backend, quick benchmark + plot
 	$(BIN)/python perf/demo.py
@@ -28,6 +29,12 @@ bench: $(STAMP)  ## the full benchmark suite (GPU: every workload; CPU: small si
 report: $(STAMP)  ## static kernel report (no GPU needed)
 	env -u TRITON_INTERPRET $(BIN)/python -m rmsprop_gpu.kernel_report \
 		--markdown perf/results/static_report.md --json perf/results/static_report.json
+
+gpu-check:  ## on a lent GPU machine: its own python3 and packages (no venv, no downloads); results in $$OUT
+	python3 perf/gpu_check.py
+
+gpu-check-cpu: $(STAMP)  ## the same script rehearsed on the CPU (interpreter, g++ build of the .cu, tiny sizes)
+	$(BIN)/python perf/gpu_check.py --dry-run
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

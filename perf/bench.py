@@ -2,14 +2,18 @@
 
     python perf/bench.py                 # best device, full suite (GPU) or small sizes (CPU)
     python perf/bench.py --smoke         # tiny sizes: CI's check that the harness runs end to end
+    python perf/bench.py --gpu-check     # the focused set `make gpu-check` runs (add --dry-run on the CPU)
     python perf/plot.py perf/results/<run>.json
 
 Providers: torch.optim.RMSprop for-loop (foreach=False) and foreach; a torch.compile'd step (lr as a tensor);
 a Chainer/MXNet/TF1-style per-tensor fused CuPy ElementwiseKernel (one launch per parameter); ours through
-each usable backend. Every provider is checked against a float64 one-step oracle before it is timed.
+each usable backend. Every provider's first step is checked on the device against a float64 oracle (on a
+sample of elements of every tensor, comparing the update p_new - p_old) before it is timed; a wrong or failing
+case is recorded with its error and the run goes on. Each case is written to the data files as it finishes.
 Metrics: median and IQR of the step time (CUDA events on GPU, perf_counter on CPU), effective GB/s = minimal
-bytes (DESIGN.md) / time, % of device-to-device copy bandwidth measured in the same run, speedup vs foreach,
-kernel launches per step (torch profiler, GPU), and CUDA-graph replay time where the step is capturable.
+bytes (README: minimum traffic) / time, % of device-to-device copy bandwidth measured in the same run, speedup
+vs foreach, kernel launches per step (torch profiler, GPU), wall time per step, CUDA-graph replay time where
+the step is capturable. On a CPU the GB/s are not bandwidth figures (caches, interpreters): no % of copy.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -29,8 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import MODELS, numel  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np  # noqa: E402
+
 import rmsprop_gpu  # noqa: E402
 from rmsprop_gpu.kernel_report import minimum_bytes  # noqa: E402
+from tests.oracle import reference_step  # noqa: E402
+
+LR = 1e-3
 
 VARIANTS = {
     "plain": dict(param=torch.float32, state=None, opts={}),
@@ -67,21 +78,32 @@ class Provider:
 
 
 class TorchOptim(Provider):
-    def __init__(self, device, foreach):
+    def __init__(self, device, foreach, capturable=False):
         super().__init__(device)
         self.foreach = foreach
-        self.name = "torch_foreach" if foreach else "torch_forloop"
+        self.capturable = capturable
+        self.name = ("torch_foreach" if foreach else "torch_forloop") + ("_capturable" if capturable else "")
+
+    def available(self):
+        if self.capturable and self.device.type != "cuda":
+            return "capturable needs CUDA"
+        return None
 
     def build(self, params, variant):
         v = VARIANTS[variant]
         if v["state"] is not None:  # torch keeps state in the param dtype: use fp32 master copies
             return None
-        opt = torch.optim.RMSprop(params, lr=1e-3, foreach=self.foreach, **v["opts"])
+        opt = torch.optim.RMSprop(params, lr=LR, foreach=self.foreach, capturable=self.capturable, **v["opts"])
         return opt.step
 
 
 class TorchCompile(Provider):
+    """torch.compile(opt.step) with lr as a tensor (a float lr would be baked in). Each case starts from
+    torch._dynamo.reset(): without it the step recompiles per case and hits dynamo's recompile limit, after
+    which rows are silently eager. The first call must have compiled a graph, or the case fails."""
+
     name = "torch_compile"
+    compiler_backend = "inductor"
 
     def available(self):
         if self.device.type == "cpu":
@@ -92,26 +114,44 @@ class TorchCompile(Provider):
         v = VARIANTS[variant]
         if v["state"] is not None:
             return None
-        opt = torch.optim.RMSprop(params, lr=torch.tensor(1e-3, device=self.device), foreach=True, **v["opts"])
-        return torch.compile(opt.step)
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        opt = torch.optim.RMSprop(params, lr=torch.tensor(LR, device=self.device), foreach=True, **v["opts"])
+        compiled = torch.compile(opt.step, backend=self.compiler_backend)
+        state = {"checked": False}
+
+        def step():
+            compiled()
+            if not state["checked"]:
+                from torch._dynamo.utils import counters
+
+                graphs = counters["stats"]["unique_graphs"]
+                if not graphs:
+                    raise RuntimeError("torch.compile produced no graph: the step ran eagerly")
+                state["checked"] = True
+                step.compiled_graphs = graphs
+
+        return step
 
 
 class Ours(Provider):
-    def __init__(self, device, backend):
+    def __init__(self, device, backend, dry_run=False):
         super().__init__(device)
         self.backend = backend
         self.name = f"ours_{backend}"
         self.capturable = device.type == "cuda"
+        self.dry_run = dry_run
 
     def available(self):
         info = rmsprop_gpu.available_backends(self.device)[self.backend]
-        if self.backend != "torch" and self.device.type == "cpu":
+        if self.backend != "torch" and self.device.type == "cpu" and not self.dry_run:
             return "kernel backends only time on a GPU (the CPU runs them through interpreters)"
         return None if info["usable"] else info["reason"]
 
     def build(self, params, variant):
         v = VARIANTS[variant]
-        opt = rmsprop_gpu.RMSprop(params, lr=1e-3, backend=self.backend, state_dtype=v["state"],
+        opt = rmsprop_gpu.RMSprop(params, lr=LR, backend=self.backend, state_dtype=v["state"],
                                   capturable=self.capturable, **v["opts"])
         return opt.step
 
@@ -143,45 +183,80 @@ class ChainerStyle(Provider):
             "ms += (1 - alpha) * (grad * grad - ms); param -= lr * grad / (sqrt(ms) + eps);",
             "chainer_rmsprop")
         states = [torch.zeros_like(p) for p in params]
+        # wrap once (zero-copy views through __cuda_array_interface__), not inside the timed step
+        arrays = [(cupy.asarray(p.grad), cupy.asarray(p), cupy.asarray(s)) for p, s in zip(params, states)
+                  if p.numel()]
+        lr, alpha, eps = (np.float32(x) for x in (LR, 0.99, 1e-8))
 
         def step():
-            for p, s in zip(params, states):
-                if p.numel():
-                    kernel(cupy.asarray(p.grad), 1e-3, 0.99, 1e-8, cupy.asarray(p), cupy.asarray(s))
+            for g, p, ms in arrays:
+                kernel(g, lr, alpha, eps, p, ms)
 
+        step.keepalive = states
         return step
 
 
-def providers(device, with_compile: bool):
-    out = [TorchOptim(device, False), TorchOptim(device, True), TorchCompile(device), ChainerStyle(device)]
-    out += [Ours(device, b) for b in ("triton", "cupy", "torch")]
-    if with_compile and device.type == "cpu":
-        out[2].available = lambda: None
+def providers(device, with_compile: bool, gpu_check: bool = False, dry_run: bool = False):
+    """In the order their cases run: ours and torch's eager steps first, torch.compile (slow to build) last."""
+    ours = [Ours(device, b, dry_run) for b in (("triton", "cupy") if gpu_check else ("triton", "cupy", "torch"))]
+    out = ours + [TorchOptim(device, True), TorchOptim(device, False)]
+    if gpu_check:
+        out.append(TorchOptim(device, True, capturable=True))
+    comp = TorchCompile(device)
+    out += [ChainerStyle(device), comp]
+    if (with_compile or dry_run) and device.type == "cpu":
+        comp.available = lambda: None
+        comp.compiler_backend = "aot_eager" if dry_run else "inductor"  # the dry run proves the path, fast
     return out
 
 
 # ------------------------------------------------------------------ timing
 def make_params(shapes, variant, device, seed=0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Fresh random params and grads, generated on the device (the CPU would take minutes for 1.2B)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     dtype = VARIANTS[variant]["param"]
     ps = []
     for s in shapes:
-        p = torch.randn(s, generator=gen).to(device=device, dtype=dtype)
-        p.grad = torch.randn(s, generator=gen).to(device=device, dtype=dtype)
+        p = torch.randn(s, generator=gen, device=device, dtype=dtype)
+        p.grad = torch.randn(s, generator=gen, device=device, dtype=dtype)
         ps.append(p)
     return ps
 
 
-def check_correct(step, shapes, variant, device) -> float:
-    """One step from fresh random data against the float64 oracle (our torch backend in float64)."""
-    ps = make_params(shapes, variant, device, seed=1)
-    ref = [p.detach().double().cpu().requires_grad_(False) for p in ps]
-    for r, p in zip(ref, ps):
-        r.grad = p.grad.double().cpu()
-    rmsprop_gpu.RMSprop(ref, lr=1e-3, backend="torch", **VARIANTS[variant]["opts"]).step()
-    step_fn = step(ps)
-    step_fn()
-    return max(((p.double().cpu() - r).abs().max().item() if p.numel() else 0.0) for p, r in zip(ps, ref))
+SAMPLE = 4096  # elements checked per tensor: the update is elementwise, so a sample checks it exactly
+# relative error of the first step's update (p_new - p_old) against the oracle's, both rounded to the param
+# dtype: float32 rounding of p (~1e-7 |p|) against an update of ~lr / sqrt(1 - alpha) = 0.01; 16-bit params
+# differ only where a rounding tie goes the other way. A step that never updates scores 1.0.
+UPDATE_TOL = {torch.float32: 1e-3, torch.bfloat16: 0.05, torch.float16: 0.05}
+
+
+def sample_before(params, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for p in params:
+        n = p.numel()
+        idx = torch.randint(0, n, (min(n, SAMPLE),), generator=gen).to(p.device) if n else None
+        flat = p.detach().reshape(-1)
+        out.append(None if idx is None else (idx, flat[idx].double(), p.grad.reshape(-1)[idx].double()))
+    return out
+
+
+def update_error(params, samples, variant) -> float:
+    """After one step from zero state: worst relative error of the sampled update against the float64 oracle."""
+    opts = VARIANTS[variant]["opts"]
+    worst = 0.0
+    for p, smp in zip(params, samples):
+        if smp is None:
+            continue
+        idx, p0, g = smp
+        zero = torch.zeros_like(p0)
+        want = reference_step(p0, g, zero, zero if opts.get("momentum") else None,
+                              zero if opts.get("centered") else None, lr=LR, alpha=0.99, eps=1e-8, **opts)[0]
+        want_upd = want.to(p.dtype).double() - p0
+        got_upd = p.detach().reshape(-1)[idx].double() - p0
+        err = float((got_upd - want_upd).norm() / want_upd.norm().clamp_min(1e-30))
+        worst = max(worst, err) if err == err else float("inf")
+    return worst
 
 
 def sync(device):
@@ -252,7 +327,12 @@ def copy_bandwidth(device, nbytes: int, reps: int) -> float:
 
 
 # ------------------------------------------------------------------ workloads
-def workloads(device, smoke: bool, models: list[str]):
+def workloads(device, smoke: bool, models: list[str], gpu_check: bool = False):
+    if gpu_check:  # `make gpu-check`: one large tensor and two real models (tiny stand-ins on the CPU)
+        if device.type == "cuda":
+            return [("single", "2^26", [(2**26,)]), ("model", "resnet50", MODELS["resnet50"]()),
+                    ("model", "llama-3.2-1b", MODELS["llama-3.2-1b"]())]
+        return [("single", "2^12", [(2**12,)]), ("model", "resnet50[:12]", MODELS["resnet50"]()[:12])]
     if device.type == "cuda" and not smoke:
         singles = [2**k for k in range(10, 29, 2)]
         grids = [(n, e) for n in (100, 500, 1000) for e in (1024, 65536)]
@@ -290,21 +370,66 @@ def environment(device) -> dict:
     return env
 
 
-def run(args) -> dict:
+def run_case(kind, label, shapes, variant, prov, device, reps) -> dict:
+    """Build, check the first step against the oracle, then time one provider on one workload."""
+    n = numel(shapes)
+    row = dict(kind=kind, workload=label, tensors=len(shapes), elements=n, variant=variant, provider=prov.name)
+    ps = make_params(shapes, variant, device)
+    t0 = time.perf_counter()
+    step = prov.build(ps, variant)
+    if step is None:
+        return None
+    samples = sample_before(ps)
+    step()  # the first step: compiles and builds state; checked before anything is timed
+    sync(device)
+    row["first_step_s"] = time.perf_counter() - t0
+    row["max_error"] = update_error(ps, samples, variant)
+    if hasattr(step, "compiled_graphs"):
+        row["compiled_graphs"] = step.compiled_graphs
+    if not row["max_error"] <= UPDATE_TOL[VARIANTS[variant]["param"]]:
+        row["error"] = f"wrong result: update error {row['max_error']:.3g} against the float64 oracle; not timed"
+        return row
+    times = time_fn(step, device, reps)
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), med, max(times)]
+    gbs = n * min_bytes_per_elem(variant) / med / 1e9
+    row.update(median_s=med, q1_s=q[0], q3_s=q[-1], gbps=gbs,
+               wall_s=wall_per_step(step, device, max(3, reps // 5)), launches=count_launches(step, device),
+               graph_s=None)
+    if prov.capturable:
+        try:
+            row["graph_s"] = graph_replay(step, device, reps)
+        except Exception as e:  # record, do not hide: capture failures are findings
+            row["graph_error"] = f"{type(e).__name__}: {e}"
+    return row
+
+
+def run(args, on_row=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dry_run:
+        assert device.type == "cpu", "--dry-run is the CPU rehearsal of --gpu-check"
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton kernel is first imported (at its first launch)
+        from tests.cuda_cpu.cpu_module import cpu_module_factory  # the .cu built by g++ behind CuPy's seam
+
+        rmsprop_gpu.backends.BACKENDS["cupy"].use_module_factory(cpu_module_factory, device_types=("cpu",))
     env = environment(device)
     models = args.models if args.models is not None else (
         list(MODELS) if device.type == "cuda" and not args.smoke else (["resnet50"] if not args.smoke else []))
-    reps = args.reps or (50 if device.type == "cuda" else (3 if args.smoke else 10))
+    reps = args.reps or (50 if device.type == "cuda" else (3 if args.smoke or args.dry_run else 10))
     copy_gbs = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 26), reps)
-    print(f"# device {device} ({env['gpu']}): copy bandwidth {copy_gbs:.1f} GB/s (read + write)")
-    provs = providers(device, args.compile)
+    note = "" if device.type == "cuda" else " (CPU: caches and interpreters, not a bandwidth figure)"
+    print(f"# device {device} ({env['gpu']}): copy {copy_gbs:.1f} GB/s (read + write){note}", flush=True)
+    provs = providers(device, args.compile, args.gpu_check, args.dry_run)
     skipped = {p.name: p.available() for p in provs if p.available()}
     for name, why in skipped.items():
         print(f"# skipping {name}: {why}")
     provs = [p for p in provs if p.name not in skipped]
-    rows = []
-    jobs = [(w, v, p) for w in workloads(device, args.smoke, models) for v in args.variants for p in provs]
+    variants = args.variants or (["plain", "centered_momentum", "bf16_fp32_state"] if args.gpu_check
+                                 else list(VARIANTS))
+    result = {"environment": env, "copy_gbps": copy_gbs, "skipped": skipped, "rows": []}
+    # eager providers over every workload first, torch.compile (minutes to build) after them
+    jobs = [(w, v, p) for slow in (False, True) for w in workloads(device, args.smoke, models, args.gpu_check)
+            for v in variants for p in provs if isinstance(p, TorchCompile) == slow]
     try:
         from tqdm import tqdm
 
@@ -312,91 +437,103 @@ def run(args) -> dict:
     except ImportError:
         jobs_iter = jobs
     for (kind, label, shapes), variant, prov in jobs_iter:
-        n = numel(shapes)
-        if n * min_bytes_per_elem(variant) > args.max_bytes:
+        if numel(shapes) * min_bytes_per_elem(variant) > args.max_bytes:
             continue
-
-        def build(ps, prov=prov, variant=variant):
-            return prov.build(ps, variant)
-
-        probe = build(make_params(shapes[:1], variant, "cpu" if device.type == "cpu" else device))
-        if probe is None:
+        if args.deadline and time.time() > args.deadline:
+            result["rows"].append(dict(kind=kind, workload=label, variant=variant, provider=prov.name,
+                                       error="not run: the time budget was spent"))
             continue
-        err = check_correct(build, shapes, variant, device)
-        tol = 1e-2 if VARIANTS[variant]["param"] == torch.bfloat16 else 1e-4
-        if not err <= tol:
-            raise SystemExit(f"{prov.name} {variant} {label}: wrong result (max error {err:.3g}), not timing it")
-        ps = make_params(shapes, variant, device)
-        step = build(ps)
-        times = time_fn(step, device, reps)
-        med = statistics.median(times)
-        q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), med, max(times)]
-        gbs = n * min_bytes_per_elem(variant) / med / 1e9
-        row = dict(kind=kind, workload=label, tensors=len(shapes), elements=n, variant=variant, provider=prov.name,
-                   median_s=med, q1_s=q[0], q3_s=q[-1], gbps=gbs, pct_copy=100 * gbs / copy_gbs,
-                   wall_s=wall_per_step(step, device, max(3, reps // 5)), launches=count_launches(step, device),
-                   graph_s=None, max_error=err)
-        if prov.capturable:
-            try:
-                row["graph_s"] = graph_replay(step, device, reps)
-            except Exception as e:  # record, do not hide: capture failures are findings
-                row["graph_error"] = f"{type(e).__name__}: {e}"
-        rows.append(row)
-    base = {(r["workload"], r["variant"]): r["median_s"] for r in rows if r["provider"] == "torch_foreach"}
-    for r in rows:
+        try:
+            row = run_case(kind, label, shapes, variant, prov, device, reps)
+        except Exception as e:  # one failing case must not lose the run
+            row = dict(kind=kind, workload=label, variant=variant, provider=prov.name,
+                       error=f"{type(e).__name__}: {str(e)[:500]}")
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if row is None:
+            continue
+        result["rows"].append(row)
+        add_speedups(result)
+        if on_row:
+            on_row(result)
+    return result
+
+
+def add_speedups(result: dict) -> None:
+    base = {(r["workload"], r["variant"]): r["median_s"] for r in result["rows"]
+            if r["provider"] == "torch_foreach" and r.get("median_s")}
+    copy_gbs = result["copy_gbps"] if result["environment"]["device"].startswith("cuda") else None
+    for r in result["rows"]:
         b = base.get((r["workload"], r["variant"]))
-        r["speedup_vs_foreach"] = b / r["median_s"] if b else None
-    return {"environment": env, "copy_gbps": copy_gbs, "skipped": skipped, "rows": rows}
+        r["speedup_vs_foreach"] = b / r["median_s"] if b and r.get("median_s") else None
+        r["pct_copy"] = 100 * r["gbps"] / copy_gbs if copy_gbs and r.get("gbps") else None
 
 
 def markdown(result: dict) -> str:
     env = result["environment"]
     head = (f"{env['date']} | {env['device']} ({env['gpu']}) | torch {env['torch']} | triton {env['triton']} | "
             f"cupy {env['cupy']} | copy {result['copy_gbps']:.1f} GB/s\n\n")
-    cols = ["workload", "variant", "provider", "median_s", "gbps", "pct_copy", "speedup_vs_foreach", "launches",
-            "graph_s"]
+    cols = ["workload", "variant", "provider", "median_s", "q1_s", "q3_s", "wall_s", "gbps", "pct_copy",
+            "speedup_vs_foreach", "launches", "graph_s", "error"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
         cells = []
         for c in cols:
             v = r.get(c)
-            cells.append(f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v)))
+            cells.append(f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v)[:120]))
         lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def write_results(result: dict, stem: Path) -> None:
+    """JSON, CSV and markdown of everything measured so far (rewritten after every case)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(stem.with_suffix(".json"))
+    env = result["environment"]
+    with stem.with_suffix(".csv").open("w", newline="") as f:
+        keys = sorted({k for r in result["rows"] for k in r})
+        w = csv.DictWriter(f, fieldnames=["gpu", "torch", "date", *keys])
+        w.writeheader()
+        for r in result["rows"]:
+            w.writerow({"gpu": env["gpu"], "torch": env["torch"], "date": env["date"], **r})
+    stem.with_suffix(".md").write_text(markdown(result))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: a quick end-to-end check")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--gpu-check", action="store_true",
+                    help="the focused set of make gpu-check: 2**26, ResNet-50, Llama-3.2-1B; 3 variants")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU rehearsal of --gpu-check: kernels through the interpreter and the g++ build")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS))
     ap.add_argument("--models", nargs="*", choices=list(MODELS))
     ap.add_argument("--reps", type=int)
     ap.add_argument("--compile", action="store_true", help="include torch.compile on the CPU too")
     ap.add_argument("--max-bytes", type=float, default=40e9, help="skip workloads moving more than this per step")
+    ap.add_argument("--deadline", type=float, help="unix time after which no new case starts")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--stem", help="file name stem of the results (default bench_<device>[_smoke])")
     args = ap.parse_args(argv)
-    result = run(args)
-    dev = result["environment"]["device"].split(":")[0]
-    stem = args.out / ("cpu" if dev == "cpu" else "") / f"bench_{dev}{'_smoke' if args.smoke else ''}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    with stem.with_suffix(".csv").open("w", newline="") as f:
-        keys = sorted({k for r in result["rows"] for k in r})
-        w = csv.DictWriter(f, fieldnames=["gpu", "torch", "date", *keys])
-        w.writeheader()
-        for r in result["rows"]:
-            env = result["environment"]
-            w.writerow({"gpu": env["gpu"], "torch": env["torch"], "date": env["date"], **r})
-    table = markdown(result)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stem = args.out / ("cpu" if device.type == "cpu" and not args.stem else "") / (
+        args.stem or f"bench_{device.type}{'_smoke' if args.smoke else ''}")
+    result = run(args, on_row=lambda res: write_results(res, stem))
+    write_results(result, stem)
+    print(markdown(result))
     from plot import plot
 
     for path in plot(stem.with_suffix(".json")):
         print(f"# wrote {path}")
     print(f"# wrote {stem}.json, .csv, .md")
-    return 0
+    failed = [r for r in result["rows"] if r.get("error") and not r["error"].startswith("not run")]
+    for r in failed:
+        print(f"# FAILED {r['provider']} {r['variant']} {r['workload']}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

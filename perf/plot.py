@@ -15,7 +15,7 @@ def plot(path: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     data = json.loads(Path(path).read_text())
-    rows, env = data["rows"], data["environment"]
+    rows, env = [r for r in data["rows"] if r.get("gbps")], data["environment"]  # failed cases have no time
     title = f"RMSprop step, {env['gpu'] if 'none' not in env['gpu'] else 'CPU (not a GPU result)'}"
     out = []
     singles = [r for r in rows if r["kind"] == "single"]

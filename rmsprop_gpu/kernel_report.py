@@ -105,17 +105,17 @@ def nvrtc_version() -> str:
 def cuda_report(archs=ARCHS) -> list[dict]:
     from cuda.bindings import nvrtc
 
-    from .backends.cupy_backend import kernel_name, kernel_source
+    from .backends.cupy_backend import NVRTC_OPTIONS, kernel_name, kernel_source
 
     source = kernel_source()
     rows = []
     for arch in archs:
-        prog, _ = _nvrtc(source, [f"--gpu-architecture=compute_{arch}", "-std=c++17"])
+        prog, _ = _nvrtc(source, [f"--gpu-architecture=compute_{arch}", *NVRTC_OPTIONS])
         _, n = nvrtc.nvrtcGetPTXSize(prog)
         ptx = b" " * n
         nvrtc.nvrtcGetPTX(prog, ptx)
         entries = _split_entries(ptx.decode(errors="replace"))
-        _, log = _nvrtc(source, [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--ptxas-options=-v"])
+        _, log = _nvrtc(source, [f"--gpu-architecture=sm_{arch}", *NVRTC_OPTIONS, "--ptxas-options=-v"])
         sass = parse_ptxas(log)
         for layout, (mom, cen) in LAYOUTS.items():
             for pd, sd in DTYPES:

@@ -76,6 +76,13 @@ class TableCache:
         if hit is not None:
             self._entries.move_to_end(key)
             return hit
+        if group.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "rmsprop_gpu: this step needs new tensor tables (a first step, or tensors re-allocated) while a "
+                "CUDA graph is being captured, and an upload cannot be captured. Warm up first: run the step "
+                "eagerly (e.g. 3 iterations on a side stream) before capturing, and keep grads in place "
+                "(zero_grad(set_to_none=False)) so that capture finds the same tensors."
+            )
         tensors, blocks = build_tables(rows)
         entry = (self._upload(tensors, group), self._upload(blocks, group), int(blocks.shape[0]))
         self.builds += 1

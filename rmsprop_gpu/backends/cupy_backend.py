@@ -36,11 +36,45 @@ def kernel_name(param_dtype: str, state_dtype: str, momentum: bool, centered: bo
     return f"rmsprop_{_SHORT[param_dtype]}_{_SHORT[state_dtype]}_{_LAYOUT[momentum, centered]}"
 
 
+# One set of NVRTC options for the run-time build and the static report (rmsprop_gpu.kernel_report).
+# CuPy's RawModule appends -ftz=true after the caller's options (NVRTC takes the last), which would flush
+# subnormal params and state to zero where torch keeps them; so we call NVRTC ourselves with these.
+NVRTC_OPTIONS = ("-std=c++17", "-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=true")
+
+
+def nvrtc_arch_option(capability: int, supported: tuple[int, ...]) -> str:
+    """-arch for a device: its own SASS when NVRTC knows the arch, else PTX of the newest known one (the
+    driver then compiles it at load)."""
+    if capability in supported:
+        return f"-arch=sm_{capability}"
+    older = [a for a in supported if a <= capability]
+    return f"-arch=compute_{max(older) if older else min(supported)}"
+
+
+def compile_cubin(capability: int) -> bytes:
+    """kernels/rmsprop.cu through CuPy's NVRTC binding with NVRTC_OPTIONS (no -ftz=true appended)."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(kernel_source(), "rmsprop.cu", (), ())
+    try:
+        arch = nvrtc_arch_option(capability, tuple(nvrtc.getSupportedArchs()))
+        try:
+            nvrtc.compileProgram(prog, (*NVRTC_OPTIONS, arch))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC failed on kernels/rmsprop.cu ({arch}):\n{nvrtc.getProgramLog(prog)}") from e
+        return nvrtc.getCUBIN(prog) if arch.startswith("-arch=sm_") else nvrtc.getPTX(prog).encode()
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
 def _cupy_module(device: torch.device):
     import cupy
+    from cupy.cuda import function
 
-    with cupy.cuda.Device(device.index or 0):
-        return cupy.RawModule(code=kernel_source(), options=("--std=c++17",))
+    with cupy.cuda.Device(device.index or 0) as dev:
+        mod = function.Module()
+        mod.load(compile_cubin(int(dev.compute_capability)))
+        return mod
 
 
 def _upload(a: np.ndarray, group: Group):
@@ -61,6 +95,7 @@ class CupyBackend(Backend):
         self._factory: Callable = _cupy_module
         self._factory_devices: tuple[str, ...] = ("cuda",)
         self._modules: dict[str, object] = {}
+        self._streams: dict[tuple[int, int], object] = {}
 
     def use_module_factory(self, factory: Callable | None, device_types: tuple[str, ...] = ("cpu",)) -> None:
         """Test seam: build modules with `factory(device)` for these device types (None restores CuPy)."""
@@ -116,7 +151,16 @@ class CupyBackend(Backend):
 
         if arr.is_cupy(group.params[0]):
             return cupy.cuda.get_current_stream()
-        return cupy.cuda.ExternalStream(torch.cuda.current_stream(group.device).cuda_stream)
+        ts = torch.cuda.current_stream(group.device)
+        key = (ts.device_index, ts.cuda_stream)
+        cs = self._streams.get(key)
+        if cs is None:  # wrap each torch stream once (CuPy 14: Stream.from_external; ExternalStream before)
+            if hasattr(cupy.cuda.Stream, "from_external") and hasattr(ts, "__cuda_stream__"):
+                cs = cupy.cuda.Stream.from_external(ts)
+            else:
+                cs = cupy.cuda.ExternalStream(ts.cuda_stream, ts.device_index)
+            self._streams[key] = cs
+        return cs
 
     def step(self, group: Group, hyper: Hyper) -> None:
         launch = prepare_launch(group, hyper, self.tables)
