@@ -133,7 +133,7 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
   if (h.flags & GRAD_SCALE) g = __fdiv_rn(g, h.grad_scale);
   if (h.flags & MAXIMIZE) g = -g;
   if (h.flags & WEIGHT_DECAY) g = g + h.weight_decay * p;
-  v = h.alpha * v + h.one_minus_alpha * (g * g);
+  v = h.alpha * v + (h.one_minus_alpha * g) * g;  // torch's addcmul order: g * g overflows above 1.8e19
   float var = v;
   if (CENTERED) {
     ga = ga + h.one_minus_alpha * (g - ga);

@@ -57,7 +57,7 @@ def _update_chunk(
         g = -g
     if WEIGHT_DECAY:
         g = g + weight_decay * p
-    v = alpha * v + one_minus_alpha * (g * g)
+    v = alpha * v + (one_minus_alpha * g) * g  # torch's addcmul order: g * g alone overflows above 1.8e19
     if CENTERED:
         ap = _ptr(a_addr, start, S_DTYPE, FULL_ALIGNED) + offs
         ga = tl.load(ap, mask=mask).to(tl.float32)

@@ -61,17 +61,10 @@ def train(device):
         loss.backward()
         opt.step()
         first = first if first is not None else loss.item()
-    backend = rmsprop_gpu.backends.select(None, _group_of(model, device), None).name
+    backend = rmsprop_gpu.which_backend(model.parameters())[0]
     print(f"  trained a 2-layer MLP for 200 steps on {device} with backend '{backend}': "
           f"loss {first:.4f} -> {loss.item():.4f}")
     return loss.item() < first
-
-
-def _group_of(model, device):
-    from rmsprop_gpu._contract import Group
-
-    p = next(model.parameters())
-    return Group(torch.device(device), str(p.dtype)[6:], str(p.dtype)[6:], [p])
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ parameter and state tensor untouched.
 
 from __future__ import annotations
 
-import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 from . import _arrays as arr
 
 STATE_KEYS = ("square_avg", "momentum_buffer", "grad_avg")
+FLOAT32_MAX = 3.4028234663852886e38
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 SIXTEEN_BIT = ("float16", "bfloat16")
 
@@ -73,34 +74,44 @@ class Group:
         return out
 
 
-def _check_nonneg(name: str, value: float) -> None:
+def _check_nonneg(name: str, value) -> None:
     if not value >= 0.0:  # also refuses NaN
         raise ValueError(f"Invalid {name}: {value}")
 
 
+def _number(name: str, value) -> float:
+    """A Python float from any real number torch accepts (numpy scalars included), else a clear error."""
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
+
+
 def validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, read_tensor_lr: bool = True) -> None:
-    """The checks and messages of torch.optim.RMSprop, plus NaN/inf where torch would let them through."""
+    """torch.optim.RMSprop's checks and messages. Like torch, inf passes (and gives inf/NaN params, as torch's
+    step does); NaN and negative values are refused. Numpy scalars are accepted, as torch accepts them."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not (lr.is_floating_point()):
             raise ValueError(f"Tensor lr must be floating point, got {lr.dtype}")
+        if lr.device.type == "meta":
+            raise ValueError("Tensor lr is on the meta device: it holds no value")
         if read_tensor_lr and lr.device.type == "cpu":
             _check_nonneg("learning rate", float(lr))
     else:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-            raise ValueError(f"Invalid learning rate: {lr!r} (expected a float or a 1-element Tensor)")
-        _check_nonneg("learning rate", lr)
-        if math.isinf(lr):
-            raise ValueError(f"Invalid learning rate: {lr}")
-    _check_nonneg("epsilon value", eps)
-    _check_nonneg("momentum value", momentum)
-    _check_nonneg("weight_decay value", weight_decay)
-    _check_nonneg("alpha value", alpha)
-    for name, v in (("epsilon value", eps), ("momentum value", momentum),
-                    ("weight_decay value", weight_decay), ("alpha value", alpha)):
-        if math.isinf(v):
-            raise ValueError(f"Invalid {name}: {v}")
+        _check_nonneg("learning rate", _number("learning rate", lr))
+    for name, v in (("epsilon value", eps), ("momentum value", momentum), ("weight_decay value", weight_decay),
+                    ("alpha value", alpha)):
+        _check_nonneg(name, _number(name, v))
+
+
+def check_float32_range(hyper: Hyper) -> None:
+    """lr and weight_decay beyond float32: torch's float32 step raises (scalar overflow), so do we, before any
+    write. (eps, alpha and momentum overflow to inf in torch without an error, and in the kernels alike.)"""
+    for name in ("lr", "weight_decay"):
+        v = getattr(hyper, name)
+        if not isinstance(v, torch.Tensor) and v != float("inf") and abs(v) > FLOAT32_MAX:
+            raise RuntimeError(f"value cannot be converted to type float without overflow: {name}={v}")
 
 
 def _as_real(t):
@@ -154,7 +165,7 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
             raise ValueError(f"state_steps[{i}] must be a floating-point 1-element tensor")
 
     groups: dict[tuple, Group] = {}
-    seen: set[int] = set()
+    written: list[tuple[int, int, str]] = []  # (first byte, end byte, name) of every tensor the step writes
     for i in range(n):
         p, g = _as_real(params[i]), _as_real(grads[i]) if grads[i] is not None else None
         if not arr.is_array(p):
@@ -171,9 +182,9 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
             raise ValueError(f"grads[{i}] has dtype {arr.dtype_name(g)}, its param {arr.dtype_name(p)}")
         if arr.device_of(g) != arr.device_of(p):
             raise ValueError(f"grads[{i}] is on {arr.device_of(g)}, its param on {arr.device_of(p)}")
-        if arr.ptr(p) in seen and arr.numel(p) > 0:
-            raise ValueError(f"params[{i}] shares memory with another param in the same step")
-        seen.add(arr.ptr(p))
+        if arr.is_cupy(p) and not (arr.is_contiguous(p) and arr.is_contiguous(g)):
+            raise ValueError(f"params[{i}] / grads[{i}]: CuPy arrays must be C-contiguous")
+        _check_writable(f"params[{i}]", p)
         pd = arr.dtype_name(p)
         if pd not in FLOAT_DTYPES:
             raise TypeError(f"params[{i}] has dtype {arr.dtype_name(p)}; RMSprop needs floating-point params")
@@ -188,6 +199,14 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
             a = _as_real(grad_avgs[i])
             if _check_state(i, "grad_avgs", p, a, pd) != sd:
                 raise ValueError(f"grad_avgs[{i}] and square_avgs[{i}] must share a dtype")
+        for label, t in ((f"params[{i}]", p), (f"square_avgs[{i}]", v), (f"momentum_buffer_list[{i}]", b),
+                         (f"grad_avgs[{i}]", a)):
+            if t is not None:
+                if t is not p:
+                    _check_writable(label, t)
+                span = _byte_span(t)
+                if span:
+                    written.append((*span, label))
         dev = arr.device_of(p)
         key = (dev, pd, sd)
         grp = groups.get(key)
@@ -207,8 +226,41 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
             grp.grad_avgs.append(a)
         if steps:
             grp.steps.append(steps[i])
+    _check_no_overlap(written)
     _check_scalars(hyper)
     return list(groups.values())
+
+
+def _check_writable(label: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        return
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{label}: Inplace update to inference tensor outside InferenceMode is not allowed")
+    if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:  # expanded: elements share memory
+        raise RuntimeError(f"{label}: unsupported operation: more than one element of the written-to tensor "
+                           "refers to a single memory location. Please clone() the tensor before the step.")
+
+
+def _byte_span(t) -> tuple[int, int] | None:
+    """[first, end) bytes a tensor can touch; None when empty."""
+    if arr.numel(t) == 0:
+        return None
+    if isinstance(t, torch.Tensor):
+        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+    return arr.ptr(t), arr.ptr(t) + int(t.nbytes)
+
+
+def _check_no_overlap(spans: list[tuple[int, int, str]]) -> None:
+    """Tensors written in one step must not share memory: the fused kernels would race on it."""
+    spans.sort()
+    end, owner = -1, ""
+    for start, stop, name in spans:
+        if start < end:
+            raise ValueError(f"{owner} and {name} share memory: tensors updated in one step must not overlap "
+                             "(the same parameter twice, or overlapping views of one tensor)")
+        if stop > end:
+            end, owner = stop, name
 
 
 def _check_scalars(hyper: Hyper) -> None:

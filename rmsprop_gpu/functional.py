@@ -1,33 +1,17 @@
-"""Functional RMSprop over lists of tensors (torch) or arrays (CuPy), same options as the optimizer."""
+"""Functional RMSprop over lists of tensors (torch) or arrays (CuPy), same options as the optimizer.
+
+Each call checks everything (there is no plan to reuse between calls: the lists are new objects each time in
+most callers); the tables are cached per backend, keyed by every address they hold. For the cached per-step
+fast path use the optimizer, rmsprop_gpu.RMSprop, whose step plan is checked once and reused.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from . import backends
-from ._contract import Group, Hyper, build_groups, validate_hyperparameters
-
-Plan = list[tuple[backends.Backend, Group, Hyper]]
-
-
-def plan_step(
-    params, grads, square_avgs, grad_avgs=None, momentum_buffer_list=None, state_steps=None, *,
-    lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
-    eps_in_sqrt=False, capturable=False, grad_scale=None, found_inf=None, foreach=None, backend=None,
-) -> Plan:
-    """Check everything and choose a backend per group, writing nothing. Raises on any problem."""
-    validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, read_tensor_lr=not capturable)
-    hyper = Hyper(lr, float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered),
-                  bool(maximize), bool(eps_in_sqrt), bool(capturable), grad_scale, found_inf)
-    groups = build_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper)
-    if foreach is False:  # torch's for-loop layout: one launch per tensor
-        groups = [one for g in groups for one in g.split()]
-    return [(backends.select(backend, g, hyper), g, hyper) for g in groups if len(g)]
-
-
-def run_plan(plan: Plan) -> None:
-    for backend, group, hyper in plan:
-        backend.step(group, hyper)
+from ._contract import validate_hyperparameters
+from .plan import check_groups, make_hyper, prepare
 
 
 @torch._disable_dynamo  # clean graph break under torch.compile (lazy: dynamo loads at the first call)
@@ -35,21 +19,54 @@ def run_plan(plan: Plan) -> None:
 def rmsprop(
     params, grads, square_avgs, grad_avgs=None, momentum_buffer_list=None, state_steps=None, *,
     lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
-    eps_in_sqrt=False, capturable=False, grad_scale=None, found_inf=None, foreach=None, backend=None,
+    eps_in_sqrt=False, capturable=False, grad_scale=None, found_inf=None, foreach=None, differentiable=False,
+    has_complex=False, backend=None,
 ) -> None:
-    """One RMSprop step, in place, in torch.optim.rmsprop.rmsprop's argument order.
+    """One RMSprop step, in place, in torch.optim.rmsprop.rmsprop's argument order (and its keywords).
 
     params, grads, square_avgs (and momentum_buffer_list when momentum > 0, grad_avgs when centered) are
     lists of torch tensors or of CuPy arrays. state_steps, optional, are float32 scalar tensors advanced by
     one per step (not when found_inf is set). eps_in_sqrt=True divides by sqrt(v + eps) (TF/Keras/optax)
     instead of sqrt(v) + eps (torch). grad_scale / found_inf: device scalars from GradScaler: grads are
     divided by grad_scale, and a nonzero found_inf skips the step without writing anything.
+    differentiable=True runs torch's own differentiable step (autograd records it); has_complex is accepted
+    for torch's signature (complex params are detected either way).
     backend: "auto" (default, or $RMSPROP_GPU_BACKEND), "triton", "cupy" or "torch".
-    Nothing is written unless every check passes.
+    Nothing is written unless every check passes, for every group and backend.
     """
-    run_plan(plan_step(
-        params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps,
-        lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
-        maximize=maximize, eps_in_sqrt=eps_in_sqrt, capturable=capturable, grad_scale=grad_scale,
-        found_inf=found_inf, foreach=foreach, backend=backend,
-    ))
+    if differentiable:
+        if eps_in_sqrt or grad_scale is not None or found_inf is not None:
+            raise ValueError("differentiable=True runs torch's own step: no eps_in_sqrt, grad_scale or found_inf")
+        from torch.optim.rmsprop import rmsprop as torch_rmsprop
+
+        with torch.enable_grad():
+            torch_rmsprop(params, grads, square_avgs, list(grad_avgs or []), list(momentum_buffer_list or []),
+                          list(state_steps or []), foreach=False, maximize=maximize, differentiable=True,
+                          capturable=capturable, has_complex=any(p.is_complex() for p in params), lr=lr,
+                          alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered)
+        return
+    validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, read_tensor_lr=not capturable)
+    hyper = make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable,
+                       grad_scale, found_inf)
+    checked = check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper,
+                           foreach=foreach, backend=backend)
+    for entry in prepare(checked, owned=False):  # every check and table first, then the writes
+        entry.run(hyper)
+
+
+def which_backend(params, *, backend=None, **options) -> list[str]:
+    """The backend each (device, dtype) group of `params` would run on, without running anything.
+
+    options: the optimizer's options that matter (momentum, centered, ...). Raises what the step would raise
+    when no backend can run a group."""
+    from ._contract import build_groups
+
+    hyper = make_hyper(options.get("lr", 1e-2), options.get("alpha", 0.99), options.get("eps", 1e-8),
+                       options.get("weight_decay", 0.0), options.get("momentum", 0.0),
+                       options.get("centered", False), options.get("maximize", False),
+                       options.get("eps_in_sqrt", False), options.get("capturable", False))
+    params = [p for p in params]
+    zeros = [torch.empty_like(p) if isinstance(p, torch.Tensor) else p for p in params]
+    groups = build_groups(params, zeros, zeros, zeros if hyper.centered else None,
+                          zeros if hyper.momentum > 0 else None, None, hyper)
+    return [backends.select(backend, g, hyper).name for g in groups if len(g)]

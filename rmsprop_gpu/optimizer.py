@@ -6,8 +6,8 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends
-from . import functional as F
-from ._contract import STATE_KEYS, validate_hyperparameters
+from ._contract import STATE_KEYS, check_float32_range, validate_hyperparameters
+from .plan import GroupWatch, StepPlan, check_groups, make_hyper, prepare, structure
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
@@ -25,17 +25,15 @@ class RMSprop(Optimizer):
     them without a host sync; a state_dict still loads into torch.optim.RMSprop and back.
     """
 
+    _plan = None  # the step plan (rmsprop_gpu.plan), rebuilt when something it depends on changes
     _step_supports_amp_scaling = True  # GradScaler hands grad_scale/found_inf to step(): unscale+skip in-kernel
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *,
                  eps_in_sqrt=False, state_dtype=None, backend=None):
         validate_hyperparameters(lr, alpha, eps, weight_decay, momentum)
-        if differentiable:
-            raise ValueError(
-                "differentiable=True is not supported: the fused kernels record no autograd history "
-                "(use torch.optim.RMSprop(differentiable=True) to differentiate through the step)"
-            )
+        if differentiable and eps_in_sqrt:
+            raise ValueError("differentiable=True runs torch's own step, which has no eps_in_sqrt")
         if state_dtype not in (None, torch.float32):
             raise ValueError(f"state_dtype must be None (the param's dtype) or torch.float32, got {state_dtype}")
         backends.requested_name(backend)  # unknown names fail here, not at the first step
@@ -47,6 +45,7 @@ class RMSprop(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._plan = None
         for group in self.param_groups:
             for key, default in (("momentum", 0), ("centered", False), ("foreach", None), ("maximize", False),
                                  ("differentiable", False), ("capturable", False), ("eps_in_sqrt", False),
@@ -61,9 +60,12 @@ class RMSprop(Optimizer):
     def _gather(self, group, pending: dict):
         """Params with grads and their state; new state goes to `pending`, committed only once all checks pass."""
         out = {k: [] for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")}
-        needed = ["square_avg"] + ["momentum_buffer"] * (group["momentum"] > 0) + ["grad_avg"] * group["centered"]
+        needed = (["square_avg"] + ["momentum_buffer"] * bool(group["momentum"] > 0)
+                  + ["grad_avg"] * bool(group["centered"]))
+        idle = []
         for p in group["params"]:
             if p.grad is None:
+                idle.append(p)
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("RMSprop does not support sparse gradients")
@@ -86,6 +88,11 @@ class RMSprop(Optimizer):
                 out["momentum_buffers"].append(state["momentum_buffer"])
             if group["centered"]:
                 out["grad_avgs"].append(state["grad_avg"])
+        active = out["params"]
+        out["watch"] = GroupWatch(group, group["params"], tuple(group["params"]), structure(group), list(active),
+                                  idle, list(out["grads"]),
+                                  [p.data_ptr() for p in active] + [g.data_ptr() for g in out["grads"]], [], [])
+        out["watch"].state_keys = ["step", *needed]
         return out
 
     @torch._disable_dynamo  # clean graph break (lazy: imports dynamo at the first call, not at import)
@@ -102,26 +109,82 @@ class RMSprop(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        pending: dict = {}
-        plan = []
-        for group in self.param_groups:
-            t = self._gather(group, pending)
-            if not t["params"]:
-                continue
-            plan += F.plan_step(
-                t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"], t["steps"],
-                lr=group["lr"], alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-                momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
-                eps_in_sqrt=group["eps_in_sqrt"], capturable=group["capturable"], grad_scale=grad_scale,
-                found_inf=found_inf, foreach=group["foreach"], backend=group["backend"],
-            )
-        for p, state in pending.items():  # every check passed: commit new state, then write
-            self.state[p] = state
-        F.run_plan(plan)
+        try:
+            plan = self.__dict__.get("_plan")
+            if plan is None or not plan.refresh(self.param_groups, self.state):
+                plan = self._plan = self._build_plan()
+            self._run(plan, grad_scale, found_inf)
+        except BaseException:
+            # GradScaler deletes these after a step that returns; after one that raises, they must not linger
+            # and silently skip every later plain step
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
         return loss
 
+    def _hyper(self, group, grad_scale=None, found_inf=None):
+        return make_hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
+                          group["centered"], group["maximize"], group["eps_in_sqrt"], group["capturable"],
+                          grad_scale, found_inf)
+
+    def _build_plan(self) -> StepPlan:
+        """Every check of every group, then tables; new state is committed only when all of it passed."""
+        pending: dict = {}
+        plan = StepPlan()
+        checked = []
+        for gi, group in enumerate(self.param_groups):
+            t = self._gather(group, pending)
+            if group["differentiable"]:
+                if group["eps_in_sqrt"]:
+                    raise ValueError("eps_in_sqrt=True has no differentiable reference step in torch")
+                plan.entries.append(_ReferenceEntry(gi, t))
+            elif t["params"]:
+                validate_hyperparameters(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
+                                         group["momentum"], read_tensor_lr=not group["capturable"])
+                hyper = self._hyper(group)
+                checked.append((gi, check_groups(
+                    t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"], t["steps"],
+                    hyper, foreach=group["foreach"], backend=group["backend"])))
+            if any(p.is_complex() or type(p).__name__ == "DTensor" for p in t["params"]):
+                plan.cacheable = False  # the kernels see per-call views of these: check every step
+            plan.watches.append(t["watch"])
+        for gi, c in checked:
+            plan.entries += prepare(c, gi, owned=True)
+        for p, state in pending.items():  # every check passed: commit new state
+            self.state[p] = state
+        for w in plan.watches:  # the live state dicts, now committed
+            w.states = [self.state.get(p) for p in w.active]
+            w.state_entries = [(st, k, st[k]) for st in w.states for k in w.state_keys]
+        return plan
+
+    def _run(self, plan: StepPlan, grad_scale, found_inf) -> None:
+        hypers = {}
+        for e in plan.entries:  # every value checked before the first write
+            if e.group_index not in hypers:
+                h = hypers[e.group_index] = self._hyper(self.param_groups[e.group_index], grad_scale, found_inf)
+                if not isinstance(e, _ReferenceEntry) and e.group.param_dtype != "float64":
+                    check_float32_range(h)
+                if isinstance(e, _ReferenceEntry) and (grad_scale is not None or found_inf is not None):
+                    raise RuntimeError("differentiable=True groups cannot take GradScaler's grad_scale/found_inf")
+        for e in plan.entries:
+            if isinstance(e, _ReferenceEntry):
+                e.run(self, self.param_groups[e.group_index])
+            else:
+                e.run(hypers[e.group_index])
+
+
+    def add_param_group(self, param_group) -> None:
+        super().add_param_group(param_group)
+        self._plan = None
+
     def load_state_dict(self, state_dict) -> None:
-        """torch's load_state_dict, refusing state that does not fit the params, keeping float32 state."""
+        """torch's load_state_dict after torch's pre-hooks, refusing state that does not fit the params before
+        anything is loaded; float32 state kept; steps of old checkpoints (numbers, int tensors) made float32."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():  # run here: the checks see their result
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         groups = self.param_groups
         saved_groups = state_dict["param_groups"]
         if len(groups) != len(saved_groups) or any(
@@ -142,12 +205,50 @@ class RMSprop(Optimizer):
                                      f"the param {tuple(p.shape)}")
             if "step" in st and torch.is_tensor(st["step"]) and st["step"].numel() != 1:
                 raise ValueError(f"loaded step of param {pid} is not a scalar")
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the param dtype; restore float32 state from the source values
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_pre_hooks = type(hooks)()  # already run above
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
+        self._plan = None
         for g, s in zip(self.param_groups, saved_groups):
             for pid, p in zip(s["params"], g["params"]):
                 st = state_dict["state"].get(pid, {})
-                for key in STATE_KEYS:
+                live = self.state.get(p)
+                if live is None:
+                    continue
+                for key in STATE_KEYS:  # torch casts floating state to the param dtype: keep float32 state
                     if key in st and self._state_dtype(p, g) != p.dtype:
-                        self.state[p][key] = st[key].to(device=p.device, dtype=self._state_dtype(p, g),
-                                                        copy=True)
+                        live[key] = st[key].to(device=p.device, dtype=self._state_dtype(p, g), copy=True)
+                if "step" in live:  # float32 counters, on the param's device for CUDA params or capturable
+                    step = live["step"]
+                    device = p.device if (g["capturable"] or p.device.type == "cuda") else torch.device("cpu")
+                    if not torch.is_tensor(step):
+                        live["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+                    elif step.dtype != torch.float32 or step.device != device:
+                        live["step"] = step.to(device=device, dtype=torch.float32).reshape(())
+
+
+class _ReferenceEntry:
+    """A differentiable=True group: torch's own single-tensor RMSprop, grad enabled, on this optimizer's state
+    (same state keys and state_dict), so code written for torch.optim.RMSprop(differentiable=True) runs."""
+
+    def __init__(self, group_index: int, gathered):
+        self.group_index = group_index
+
+    def run(self, opt: RMSprop, group) -> None:
+        from torch.optim.rmsprop import rmsprop as torch_rmsprop
+
+        pending: dict = {}
+        t = opt._gather(group, pending)
+        opt.state.update(pending)
+        if not t["params"]:
+            return
+        with torch.enable_grad():
+            torch_rmsprop(t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"],
+                          t["steps"], foreach=False, maximize=bool(group["maximize"]), differentiable=True,
+                          capturable=bool(group["capturable"]), has_complex=any(p.is_complex() for p in t["params"]),
+                          lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                          weight_decay=group["weight_decay"], momentum=group["momentum"],
+                          centered=bool(group["centered"]))

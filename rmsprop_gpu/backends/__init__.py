@@ -23,10 +23,15 @@ PREFERENCE = {"cuda": ("triton", "cupy", "torch"), "cpu": ("torch",)}
 
 
 def requested_name(backend: str | None) -> str:
-    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
-    name = (name or "auto").strip().lower()
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"Unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
+    choices = ["auto", *BACKENDS]
+    if backend is not None:
+        if not isinstance(backend, str):
+            raise ValueError(f"Unknown backend {backend!r}: backend must be a string, one of {choices}")
+        name, source = backend.strip().lower(), "backend="
+    else:
+        name, source = (os.environ.get(ENV_VAR) or "auto").strip().lower(), f"${ENV_VAR}"
+    if name not in choices:
+        raise ValueError(f"Unknown backend {name!r} (from {source}); choose one of {choices}")
     return name
 
 

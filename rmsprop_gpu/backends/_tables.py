@@ -64,11 +64,16 @@ def build_tables(rows: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
 class TableCache:
     """LRU of uploaded tables keyed by every address and size they hold."""
 
-    def __init__(self, upload: Callable[[np.ndarray, Group], Any], max_entries: int = 32):
+    def __init__(self, upload: Callable[[np.ndarray, Group], Any], max_entries: int = 32, stats=None):
         self._upload = upload
-        self._max = max_entries
+        self._max = max_entries  # 0: keep nothing (a step plan owns its tables itself)
         self._entries: OrderedDict[tuple, tuple[Any, Any, int]] = OrderedDict()
         self.builds = 0  # how many tables were built (tests and benchmarks read it)
+        self._stats = stats  # another cache whose counter also counts these builds
+
+    def owned(self) -> TableCache:
+        """A cache that retains nothing, for a holder that keeps its tables alive itself (the step plan)."""
+        return TableCache(self._upload, max_entries=0, stats=self)
 
     def get(self, group: Group, rows: list[tuple[int, ...]]):
         key = (str(group.device), tuple(rows))
@@ -86,9 +91,12 @@ class TableCache:
         tensors, blocks = build_tables(rows)
         entry = (self._upload(tensors, group), self._upload(blocks, group), int(blocks.shape[0]))
         self.builds += 1
-        self._entries[key] = entry
-        if len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        if self._stats is not None:
+            self._stats.builds += 1
+        if self._max:
+            self._entries[key] = entry
+            if len(self._entries) > self._max:
+                self._entries.popitem(last=False)
         return entry
 
     def clear(self) -> None:
@@ -103,56 +111,111 @@ def upload_torch(a: np.ndarray, group: Group) -> torch.Tensor:
     return t.pin_memory().to(group.device, non_blocking=True)
 
 
+def same_layout(x: torch.Tensor, shape, strides) -> bool:
+    """x is dense with these strides (dims of size 1 may have any stride): flat memory, element for element."""
+    if tuple(x.shape) != tuple(shape):
+        return False
+    if x.numel() <= 1:
+        return True
+    return all(a == b for n, a, b in zip(shape, x.stride(), strides) if n != 1)
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill numel consecutive slots in some order of dims."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense_strides(p: torch.Tensor):
+    """The layout every tensor of p's row must share: p's own strides when p is non-overlapping and dense
+    (contiguous, channels_last, transposed...), else contiguous (p then goes through a temporary)."""
+    if p.numel() <= 1 or is_dense(p):
+        return p.stride(), True
+    return torch.empty(p.shape, device="meta").stride(), False
+
+
 @dataclass
 class Launch:
-    """Everything a backend's launcher needs for one group, plus the work to do after the launch."""
+    """One prepared launch: its tables (owned by whoever holds the Launch), and the temporaries of tensors whose
+    layout differs from their param's. Temporaries are allocated once, so table pointers stay valid; each run
+    copies inputs in before the kernel and outputs back after it."""
 
     tensors: Any
     blocks: Any
     n_blocks: int
-    flags: int
-    lr: float
-    lr_tensor: Any  # float32 device scalar or None
-    grad_scale: Any
-    found_inf: Any
-    writebacks: list = field(default_factory=list)  # (original, contiguous temporary)
-    host_steps: list = field(default_factory=list)
-    hyper: Hyper | None = None
+    copy_in: list = field(default_factory=list)  # (temporary, original)
+    copy_out: list = field(default_factory=list)  # (original, temporary)
+    host_steps: list = field(default_factory=list)  # step counters the kernel cannot reach (e.g. on the CPU)
+    written: list = field(default_factory=list)  # tensors whose autograd version the step bumps
+    rows: tuple = ()  # the addresses the tables hold: a re-prepare with the same rows reuses them
 
-    def finish(self) -> None:
-        for orig, tmp in self.writebacks:
+    def before(self) -> None:
+        for tmp, orig in self.copy_in:
+            tmp.copy_(orig)
+
+    def after(self, found_inf) -> None:
+        for orig, tmp in self.copy_out:
             orig.copy_(tmp)
-        advance_steps(self.host_steps, self.hyper.found_inf if self.hyper else None)
+        advance_steps(self.host_steps, found_inf)
+        if self.written:
+            torch._C._increment_version(self.written)  # autograd sees the in-place update (raw-pointer writes)
 
 
 def _device_scalar(t, device):
     if t is None:
         return None
-    if isinstance(t, torch.Tensor) and (t.device != device or t.dtype != torch.float32):
-        return t.to(device=device, dtype=torch.float32)
+    if isinstance(t, torch.Tensor) and (t.device != device or t.dtype != torch.float32 or t.dim() != 0):
+        return t.to(device=device, dtype=torch.float32).reshape(())
     return t
 
 
-def prepare_launch(group: Group, hyper: Hyper, cache: TableCache) -> Launch:
-    """Contiguous views, the cached tables and the scalar arguments of one launch."""
-    writebacks = []
+def scalar_args(group: Group, hyper: Hyper) -> tuple[int, float, Any, Any, Any]:
+    """Per-step launch arguments: flags, lr value, lr / grad_scale / found_inf device scalars (no host read)."""
+    lr, lr_tensor = hyper.lr, None
+    if isinstance(lr, torch.Tensor):
+        if lr.device == group.device:
+            lr_tensor, lr = _device_scalar(lr, group.device), 0.0
+        else:
+            lr = float(lr)  # a CPU scalar: reading it needs no device sync
+    return (variant_flags(hyper, lr_tensor is not None), float(lr), lr_tensor,
+            _device_scalar(hyper.grad_scale, group.device), _device_scalar(hyper.found_inf, group.device))
 
-    def dense(x, write_back: bool):
-        if arr.is_contiguous(x):
+
+def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launch:
+    """Tables and temporaries of one group. Writes nothing the caller owns."""
+    copy_in, copy_out, written = [], [], []
+    torch_tensors = isinstance(group.params[0], torch.Tensor)
+
+    def slot(x, shape, strides, output: bool):
+        if not torch_tensors or same_layout(x, shape, strides):
             return x
-        tmp = x.contiguous()  # slow path for strided views: a copy in and (for outputs) a copy out
-        if write_back:
-            writebacks.append((x, tmp))
+        tmp = torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device)
+        copy_in.append((tmp, x))
+        if output:
+            copy_out.append((x, tmp))
         return tmp
 
     n = len(group)
-    ps = [dense(x, True) for x in group.params]
-    gs = [dense(x, False) for x in group.grads]
-    vs = [dense(x, True) for x in group.square_avgs]
-    bs = [dense(x, True) for x in group.momentum_buffers] if group.momentum_buffers is not None else None
-    gas = [dense(x, True) for x in group.grad_avgs] if group.grad_avgs is not None else None
     host_steps, rows = [], []
     for i in range(n):
+        p = group.params[i]
+        if torch_tensors:
+            strides, _ = dense_strides(p)
+            written.append(p)
+        else:
+            strides = None
+        row = [slot(p, p.shape, strides, True), slot(group.grads[i], p.shape, strides, False)]
+        for states in (group.square_avgs, group.momentum_buffers, group.grad_avgs):
+            if states is None:
+                row.append(None)
+            else:
+                row.append(slot(states[i], p.shape, strides, True))
+                if torch_tensors:
+                    written.append(states[i])
         step_ptr = 0
         if group.steps is not None:
             s = group.steps[i]
@@ -160,22 +223,10 @@ def prepare_launch(group: Group, hyper: Hyper, cache: TableCache) -> Launch:
                 step_ptr = s.data_ptr()
             else:
                 host_steps.append(s)
-        rows.append((
-            arr.ptr(ps[i]), arr.ptr(gs[i]), arr.ptr(vs[i]),
-            arr.ptr(bs[i]) if bs is not None else 0,
-            arr.ptr(gas[i]) if gas is not None else 0,
-            step_ptr, arr.numel(ps[i]),
-        ))
-    tensors, blocks, n_blocks = cache.get(group, rows)
-
-    lr, lr_tensor = hyper.lr, None
-    if isinstance(lr, torch.Tensor):
-        if lr.device == group.device:
-            lr_tensor, lr = _device_scalar(lr, group.device), 0.0
-        else:
-            lr = float(lr)  # a CPU scalar: reading it needs no device sync
-    return Launch(
-        tensors, blocks, n_blocks, variant_flags(hyper, lr_tensor is not None), float(lr), lr_tensor,
-        _device_scalar(hyper.grad_scale, group.device), _device_scalar(hyper.found_inf, group.device),
-        writebacks, host_steps, hyper,
-    )
+        rows.append((*(arr.ptr(x) if x is not None else 0 for x in row), step_ptr, arr.numel(p)))
+    rows = tuple(rows)
+    if previous is not None and previous.rows == rows:  # e.g. grads re-allocated at the same addresses
+        tensors, blocks, n_blocks = previous.tensors, previous.blocks, previous.n_blocks
+    else:
+        tensors, blocks, n_blocks = cache.get(group, list(rows))
+    return Launch(tensors, blocks, n_blocks, copy_in, copy_out, host_steps, written, rows)

@@ -22,9 +22,18 @@ class Backend:
         """None when this backend handles the group's dtypes, arrays and options, else why not."""
         return None
 
-    def step(self, group: Group, hyper: Hyper) -> None:
+    def prepare(self, group: Group, hyper: Hyper, owned: bool = False, previous=None):
+        """Everything a launch needs that does not change from step to step (tables, temporaries), and every
+        check this backend adds. Writes nothing the caller owns. owned=True: the caller keeps what this returns
+        alive (a step plan), so nothing is cached here."""
+        return group
+
+    def run(self, prepared, group: Group, hyper: Hyper) -> None:
         """Update params and state of the group in place (and advance its step counters)."""
         raise NotImplementedError
+
+    def step(self, group: Group, hyper: Hyper) -> None:
+        self.run(self.prepare(group, hyper), group, hyper)
 
     def describe(self) -> dict:
         """Extra facts for available_backends() (versions, compile time...)."""

@@ -18,7 +18,7 @@ import torch
 
 from .. import _arrays as arr
 from .._contract import Group, Hyper
-from ._tables import BLOCK, TableCache, kernel_unsupported_reason, prepare_launch, upload_torch
+from ._tables import BLOCK, TableCache, kernel_unsupported_reason, prepare_launch, scalar_args, upload_torch
 from .base import Backend
 
 THREADS = 256  # BLOCK / THREADS = 8 elements per thread
@@ -162,14 +162,17 @@ class CupyBackend(Backend):
             self._streams[key] = cs
         return cs
 
-    def step(self, group: Group, hyper: Hyper) -> None:
-        launch = prepare_launch(group, hyper, self.tables)
+    def prepare(self, group: Group, hyper: Hyper, owned: bool = False, previous=None):
+        return prepare_launch(group, self.tables.owned() if owned else self.tables, previous)
+
+    def run(self, launch, group: Group, hyper: Hyper) -> None:
         name = kernel_name(group.param_dtype, group.state_dtype,
                            group.momentum_buffers is not None, group.grad_avgs is not None)
+        launch.before()
         with self._device(group):  # CuPy loads modules and launches on its current device: make it the group's
             self._launch(group, hyper, launch, name)
         self.launches += 1
-        launch.finish()
+        launch.after(hyper.found_inf)
 
     @staticmethod
     def _device(group: Group):
@@ -181,16 +184,17 @@ class CupyBackend(Backend):
 
     def _launch(self, group: Group, hyper: Hyper, launch, name: str) -> None:
         fn = self.module(group.device).get_function(name)
+        flags, lr, lr_tensor, grad_scale, found_inf = scalar_args(group, hyper)
 
         def ptr(x):
             return np.uint64(arr.ptr(x) if x is not None else 0)
 
         args = (
             ptr(launch.tensors), ptr(launch.blocks),
-            np.float32(launch.lr), ptr(launch.lr_tensor),
+            np.float32(lr), ptr(lr_tensor),
             np.float32(hyper.alpha), np.float32(1.0 - hyper.alpha), np.float32(hyper.eps),
             np.float32(hyper.weight_decay),
-            np.float32(hyper.momentum), ptr(launch.grad_scale), ptr(launch.found_inf),
-            np.int32(launch.flags),
+            np.float32(hyper.momentum), ptr(grad_scale), ptr(found_inf),
+            np.int32(flags),
         )
         fn((launch.n_blocks,), (THREADS,), args, stream=self._stream(group))

@@ -29,7 +29,7 @@ class TorchBackend(Backend):
             return "the torch backend takes torch tensors, not CuPy arrays"
         return None
 
-    def step(self, group: Group, hyper: Hyper) -> None:
+    def run(self, prepared, group: Group, hyper: Hyper) -> None:
         found_inf = hyper.found_inf
         if found_inf is not None and bool(found_inf.item() != 0):  # reference path: a host read is fine here
             return

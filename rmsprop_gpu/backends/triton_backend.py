@@ -25,6 +25,7 @@ from ._tables import (
     TableCache,
     kernel_unsupported_reason,
     prepare_launch,
+    scalar_args,
     upload_torch,
 )
 from .base import Backend
@@ -93,25 +94,28 @@ class TritonBackend(Backend):
             "first_launch_seconds": {str(k): round(v, 3) for k, v in self.first_launch_seconds.items()},
         }
 
-    def step(self, group: Group, hyper: Hyper) -> None:
-        launch = prepare_launch(group, hyper, self.tables)
+    def prepare(self, group: Group, hyper: Hyper, owned: bool = False, previous=None):
+        return prepare_launch(group, self.tables.owned() if owned else self.tables, previous)
+
+    def run(self, launch, group: Group, hyper: Hyper) -> None:
+        flags, lr, lr_tensor, grad_scale, found_inf = scalar_args(group, hyper)
         kernel = self.kernel()
-        cx = constexprs(group.param_dtype, group.state_dtype, launch.flags,
+        cx = constexprs(group.param_dtype, group.state_dtype, flags,
                         group.momentum_buffers is not None, group.grad_avgs is not None)
         dummy = launch.tensors  # any valid pointer for arguments a variant never reads
-        key = (group.param_dtype, group.state_dtype, launch.flags, cx["MOMENTUM"], cx["CENTERED"])
+        key = (group.param_dtype, group.state_dtype, flags, cx["MOMENTUM"], cx["CENTERED"])
         t0 = time.perf_counter() if key not in self.first_launch_seconds else None
+        launch.before()
         with torch.cuda.device(group.device) if group.device.type == "cuda" else contextlib.nullcontext():
             kernel[(launch.n_blocks,)](
                 launch.tensors, launch.blocks,
-                launch.lr, launch.lr_tensor if launch.lr_tensor is not None else dummy,
-                float(hyper.alpha), 1.0 - hyper.alpha, float(hyper.eps),
-                float(hyper.weight_decay), float(hyper.momentum),
-                launch.grad_scale if launch.grad_scale is not None else dummy,
-                launch.found_inf if launch.found_inf is not None else dummy,
+                lr, lr_tensor if lr_tensor is not None else dummy,
+                hyper.alpha, 1.0 - hyper.alpha, hyper.eps, hyper.weight_decay, hyper.momentum,
+                grad_scale if grad_scale is not None else dummy,
+                found_inf if found_inf is not None else dummy,
                 **cx, num_warps=NUM_WARPS,
             )
         if t0 is not None:
             self.first_launch_seconds[key] = time.perf_counter() - t0
         self.launches += 1
-        launch.finish()
+        launch.after(hyper.found_inf)
