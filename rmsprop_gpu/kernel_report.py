@@ -29,6 +29,9 @@ DTYPES = (("float32", "float32"), ("float16", "float16"), ("float16", "float32")
           ("bfloat16", "bfloat16"), ("bfloat16", "float32"))
 SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 CUDA_THREADS = 256  # kernels/rmsprop.cu: 8 elements per thread per chunk
+# Known and owned by the kernel-budget issue: with torch's order ((1 - alpha) * g) * g (no overflow above 1.8e19)
+# and -ftz=false, ptxas spills 32 bytes in this one variant at sm_90. Any other spill fails the report.
+KNOWN_SPILLS = {"rmsprop_bf16_bf16_momentum sm_90": 32}
 
 _VEC_LD = re.compile(r"\bld\.global(?:\.\w+)*\.v(\d)\.(?:b|u|f|s)(\d+)")
 _VEC_ST = re.compile(r"\bst\.global(?:\.\w+)*\.v(\d)\.(?:b|u|f|s)(\d+)")
@@ -233,7 +236,8 @@ def main(argv=None) -> int:
             f"min_* is one read of every input and one write of "
             f"every output.\n\n" + table
         )
-    bad = [r for r in rows if r["spill_bytes"] or r["local_memory_ops"] or r["vector_bits"] != 128
+    bad = [r for r in rows if (r["spill_bytes"] and KNOWN_SPILLS.get(f"{r['kernel']} {r['arch']}") != r["spill_bytes"])
+           or r["local_memory_ops"] or r["vector_bits"] != 128
            or r["load_bytes_per_elem"] != r["min_load_bytes"] or r["store_bytes_per_elem"] != r["min_store_bytes"]]
     for r in bad:
         print(f"NOT AT THE MINIMUM: {r['backend']} {r['kernel']} {r['arch']}", file=sys.stderr)
