@@ -237,6 +237,9 @@ class _ReferenceEntry:
     def __init__(self, group_index: int, gathered):
         self.group_index = group_index
 
+    def regrad(self) -> None:
+        """Nothing to re-point: run() gathers the group's grads itself every step."""
+
     def run(self, opt: RMSprop, group) -> None:
         from torch.optim.rmsprop import rmsprop as torch_rmsprop
 

@@ -64,6 +64,11 @@ class Entry:
     def run(self, hyper: Hyper) -> None:
         self.backend.run(self.prepared, self.group, hyper)
 
+    def regrad(self) -> None:
+        """Take the params' re-allocated grads (same kind): re-point the tables, reused if addresses repeat."""
+        self.group.grads = [p.grad for p in self.group.params]
+        self.prepared = self.backend.prepare(self.group, None, owned=True, previous=self.prepared)
+
 
 def prepare(checked, group_index: int = 0, owned: bool = True) -> list[Entry]:
     """Tables and temporaries for every checked group (nothing the caller owns is written)."""
@@ -153,6 +158,5 @@ class StepPlan:
                 regrad.append(i)
         for e in self.entries:
             if e.group_index in regrad:
-                e.group.grads = [p.grad for p in e.group.params]
-                e.prepared = e.backend.prepare(e.group, None, owned=True, previous=e.prepared)
+                e.regrad()
         return True

@@ -240,6 +240,20 @@ def test_differentiable_runs_torchs_reference_step():
     torch.testing.assert_close(grads[rmsprop_gpu.RMSprop], grads[torch.optim.RMSprop])
 
 
+def test_differentiable_group_with_new_grads_every_step():
+    """zero_grad(set_to_none=True) + backward: new grad objects each step take the plan's re-grad path."""
+    out = {}
+    for cls in (rmsprop_gpu.RMSprop, torch.optim.RMSprop):
+        p = torch.ones(5, requires_grad=True).clone()
+        opt = cls([p], lr=0.1, momentum=0.5, differentiable=True)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            p.grad = torch.randn(5, generator=gen)
+            opt.step()
+        out[cls] = p.detach()
+    torch.testing.assert_close(out[rmsprop_gpu.RMSprop], out[torch.optim.RMSprop])
+
+
 def test_functional_accepts_torchs_keywords_and_which_backend():
     p, g, v = torch.randn(5), torch.randn(5), torch.rand(5)
     rmsprop_gpu.rmsprop([p], [g], [v], lr=0.01, differentiable=False, has_complex=False, foreach=True,
