@@ -184,7 +184,6 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
             raise ValueError(f"grads[{i}] is on {arr.device_of(g)}, its param on {arr.device_of(p)}")
         if arr.is_cupy(p) and not (arr.is_contiguous(p) and arr.is_contiguous(g)):
             raise ValueError(f"params[{i}] / grads[{i}]: CuPy arrays must be C-contiguous")
-        _check_writable(f"params[{i}]", p)
         pd = arr.dtype_name(p)
         if pd not in FLOAT_DTYPES:
             raise TypeError(f"params[{i}] has dtype {arr.dtype_name(p)}; RMSprop needs floating-point params")
@@ -202,8 +201,7 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
         for label, t in ((f"params[{i}]", p), (f"square_avgs[{i}]", v), (f"momentum_buffer_list[{i}]", b),
                          (f"grad_avgs[{i}]", a)):
             if t is not None:
-                if t is not p:
-                    _check_writable(label, t)
+                _check_writable(label, t)
                 span = _byte_span(t)
                 if span:
                     written.append((*span, label))

@@ -55,18 +55,19 @@ def rmsprop(
 
 
 def which_backend(params, *, backend=None, **options) -> list[str]:
-    """The backend each (device, dtype) group of `params` would run on, without running anything.
+    """The backend each (device, param dtype) group of `params` would run on, without running or allocating.
 
-    options: the optimizer's options that matter (momentum, centered, ...). Raises what the step would raise
-    when no backend can run a group."""
-    from ._contract import build_groups
+    options: the optimizer's options that matter (momentum, centered, state_dtype as a dtype name...). Raises
+    what the step would raise when no backend can run a group."""
+    from . import _arrays as arr
+    from ._contract import Group, _as_real
 
     hyper = make_hyper(options.get("lr", 1e-2), options.get("alpha", 0.99), options.get("eps", 1e-8),
                        options.get("weight_decay", 0.0), options.get("momentum", 0.0),
                        options.get("centered", False), options.get("maximize", False),
                        options.get("eps_in_sqrt", False), options.get("capturable", False))
-    params = [p for p in params]
-    zeros = [torch.empty_like(p) if isinstance(p, torch.Tensor) else p for p in params]
-    groups = build_groups(params, zeros, zeros, zeros if hyper.centered else None,
-                          zeros if hyper.momentum > 0 else None, None, hyper)
-    return [backends.select(backend, g, hyper).name for g in groups if len(g)]
+    groups: dict[tuple, Group] = {}
+    for p in map(_as_real, params):  # complex params run as their real view, DTensors as their shard
+        key = (arr.device_of(p), arr.dtype_name(p))
+        groups.setdefault(key, Group(*key, options.get("state_dtype") or key[1])).params.append(p)
+    return [backends.select(backend, g, hyper).name for g in groups.values()]

@@ -7,7 +7,7 @@ from torch.optim import Optimizer
 
 from . import backends
 from ._contract import STATE_KEYS, check_float32_range, validate_hyperparameters
-from .plan import GroupWatch, StepPlan, check_groups, make_hyper, prepare, structure
+from .plan import GroupWatch, StepPlan, check_groups, make_hyper, prepare
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
@@ -88,11 +88,7 @@ class RMSprop(Optimizer):
                 out["momentum_buffers"].append(state["momentum_buffer"])
             if group["centered"]:
                 out["grad_avgs"].append(state["grad_avg"])
-        active = out["params"]
-        out["watch"] = GroupWatch(group, group["params"], tuple(group["params"]), structure(group), list(active),
-                                  idle, list(out["grads"]),
-                                  [p.data_ptr() for p in active] + [g.data_ptr() for g in out["grads"]], [], [])
-        out["watch"].state_keys = ["step", *needed]
+        out["idle"], out["state_keys"] = idle, ["step", *needed]
         return out
 
     @torch._disable_dynamo  # clean graph break (lazy: imports dynamo at the first call, not at import)
@@ -131,13 +127,13 @@ class RMSprop(Optimizer):
         """Every check of every group, then tables; new state is committed only when all of it passed."""
         pending: dict = {}
         plan = StepPlan()
-        checked = []
+        checked, gathered = [], []
         for gi, group in enumerate(self.param_groups):
             t = self._gather(group, pending)
             if group["differentiable"]:
                 if group["eps_in_sqrt"]:
                     raise ValueError("eps_in_sqrt=True has no differentiable reference step in torch")
-                plan.entries.append(_ReferenceEntry(gi, t))
+                plan.entries.append(_ReferenceEntry(gi))
             elif t["params"]:
                 validate_hyperparameters(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
                                          group["momentum"], read_tensor_lr=not group["capturable"])
@@ -147,14 +143,14 @@ class RMSprop(Optimizer):
                     hyper, foreach=group["foreach"], backend=group["backend"])))
             if any(p.is_complex() or type(p).__name__ == "DTensor" for p in t["params"]):
                 plan.cacheable = False  # the kernels see per-call views of these: check every step
-            plan.watches.append(t["watch"])
+            gathered.append(t)
         for gi, c in checked:
             plan.entries += prepare(c, gi, owned=True)
         for p, state in pending.items():  # every check passed: commit new state
             self.state[p] = state
-        for w in plan.watches:  # the live state dicts, now committed
-            w.states = [self.state.get(p) for p in w.active]
-            w.state_entries = [(st, k, st[k]) for st in w.states for k in w.state_keys]
+        for group, t in zip(self.param_groups, gathered):  # watch the live state dicts, now committed
+            plan.watches.append(GroupWatch.of(group, t["params"], t["idle"], t["grads"],
+                                              [self.state[p] for p in t["params"]], t["state_keys"]))
         return plan
 
     def _run(self, plan: StepPlan, grad_scale, found_inf) -> None:
@@ -234,7 +230,7 @@ class _ReferenceEntry:
     """A differentiable=True group: torch's own single-tensor RMSprop, grad enabled, on this optimizer's state
     (same state keys and state_dict), so code written for torch.optim.RMSprop(differentiable=True) runs."""
 
-    def __init__(self, group_index: int, gathered):
+    def __init__(self, group_index: int):
         self.group_index = group_index
 
     def regrad(self) -> None:

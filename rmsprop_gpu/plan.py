@@ -89,7 +89,12 @@ class GroupWatch:
     ptrs: list  # data pointers of active params then grads
     states: list  # the state dict of each active param
     state_entries: list  # (state dict, key, tensor) the plan reads
-    state_keys: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, group: dict, active: list, idle: list, grads: list, states: list, keys: list) -> GroupWatch:
+        return cls(group, group["params"], tuple(group["params"]), structure(group), list(active), idle,
+                   list(grads), [p.data_ptr() for p in active] + [g.data_ptr() for g in grads], states,
+                   [(st, k, st[k]) for st in states for k in keys])
 
     def status(self, group: dict, opt_state) -> str:
         """"same"; "grads" when only grad objects were replaced (zero_grad(set_to_none=True) + backward); else
@@ -142,8 +147,7 @@ def structure(group: dict) -> tuple:
 class StepPlan:
     entries: list[Entry] = field(default_factory=list)
     watches: list[GroupWatch] = field(default_factory=list)
-    cacheable: bool = True  # False for DTensor params (their local tensors are views made per call)
-    builds: int = 0
+    cacheable: bool = True  # False for DTensor and complex params (the kernels see views made per call)
 
     def refresh(self, param_groups, opt_state) -> bool:
         """True when the plan can run as it is (after taking re-allocated grads), False when it must be rebuilt."""

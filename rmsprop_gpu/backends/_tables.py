@@ -134,8 +134,8 @@ def dense_strides(p: torch.Tensor):
     """The layout every tensor of p's row must share: p's own strides when p is non-overlapping and dense
     (contiguous, channels_last, transposed...), else contiguous (p then goes through a temporary)."""
     if p.numel() <= 1 or is_dense(p):
-        return p.stride(), True
-    return torch.empty(p.shape, device="meta").stride(), False
+        return p.stride()
+    return torch.empty(p.shape, device="meta").stride()
 
 
 @dataclass
@@ -204,7 +204,7 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
     for i in range(n):
         p = group.params[i]
         if torch_tensors:
-            strides, _ = dense_strides(p)
+            strides = dense_strides(p)
             written.append(p)
         else:
             strides = None
