@@ -1,10 +1,13 @@
 // Fused multi-tensor RMSprop step in CUDA C, loaded by the CuPy backend with cupy.RawModule.
 //
 // Same contract as kernels/rmsprop.py (tables built by rmsprop_gpu/backends/_tables.py):
-//   tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel, 0
+//   tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel, slot
 //   blocks:  int64 [B]    = (tensor << 32) | chunk; CUDA block b updates chunk * 2048 .. + 2048 of that tensor
+//   hyper:   int64 [S, 8] = per slot (param group): lr address (LR_ON_DEVICE), then as float32 columns 2..8:
+//                           lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize)
 // Launch with 256 threads per block. Dtypes and the switches that change memory traffic (momentum, centered)
 // are template parameters; the others are uniform run-time flags (no extra traffic, one kernel per layout).
+// Hyperparameter values come from the hyper table, so one launch serves many param groups.
 // Math is float32 with IEEE sqrt and division; 16-bit stores round to nearest even.
 //
 // No #include: NVRTC wheels ship no CUDA headers, and the same text compiles on the CPU with g++ and the
@@ -123,7 +126,7 @@ template <typename T, int N> __device__ __forceinline__ void store_vec(T* ptr, c
 }
 
 struct Hyper {
-  float lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale;
+  float lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale;
   int flags;
 };
 
@@ -131,8 +134,8 @@ struct Hyper {
 template <bool MOMENTUM, bool CENTERED>
 __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, float& ga, const Hyper& h) {
   if (h.flags & GRAD_SCALE) g = __fdiv_rn(g, h.grad_scale);
-  if (h.flags & MAXIMIZE) g = -g;
-  if (h.flags & WEIGHT_DECAY) g = g + h.weight_decay * p;
+  if (h.flags & MAXIMIZE) g = g * h.sign;  // per slot: -1 maximizes, +1 keeps g (exact either way)
+  if ((h.flags & WEIGHT_DECAY) && h.weight_decay != 0.0f) g = g + h.weight_decay * p;  // per slot
   v = h.alpha * v + (h.one_minus_alpha * g) * g;  // torch's addcmul order: g * g overflows above 1.8e19
   float var = v;
   if (CENTERED) {
@@ -148,13 +151,10 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
   }
 }
 
-#define RMSPROP_PARAMS                                                                           \
-  const i64 *tensors, const i64 *blocks, float lr, const float *lr_ptr, float alpha,                \
-      float one_minus_alpha, float eps,                                                          \
-      float weight_decay, float momentum, const float *grad_scale_ptr, const float *found_inf_ptr, \
+#define RMSPROP_PARAMS                                                                                    \
+  const i64 *tensors, const i64 *blocks, const i64 *hyper, const float *grad_scale_ptr, const float *found_inf_ptr, \
       int flags
-#define RMSPROP_ARGS \
-  tensors, blocks, lr, lr_ptr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale_ptr, found_inf_ptr, flags
+#define RMSPROP_ARGS tensors, blocks, hyper, grad_scale_ptr, found_inf_ptr, flags
 
 template <typename P, typename S, bool MOMENTUM, bool CENTERED>
 __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
@@ -169,7 +169,9 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   S* a = (S*)row[4];
   float* step = (float*)row[5];
   const i64 numel = row[6];
-  const Hyper h = {(flags & LR_ON_DEVICE) ? *lr_ptr : lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+  const i64* slot = hyper + row[7] * 8;
+  const float* hv = (const float*)slot;  // float32 columns 2..8 of the slot
+  const Hyper h = {(flags & LR_ON_DEVICE) ? *(const float*)slot[0] : hv[2], hv[3], hv[4], hv[5], hv[6], hv[7], hv[8],
                    (flags & GRAD_SCALE) ? *grad_scale_ptr : 1.0f, flags};
   const i64 start = chunk * RMSPROP_BLOCK;  // int64 offsets: tensors beyond 2**31 elements are fine
   const i64 end = start + RMSPROP_BLOCK < numel ? start + RMSPROP_BLOCK : numel;

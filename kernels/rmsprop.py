@@ -1,10 +1,12 @@
 """Fused multi-tensor RMSprop step in Triton: one launch updates every tensor of a group in one pass.
 
 Contract (shared with kernels/rmsprop.cu, built by rmsprop_gpu/backends/_tables.py):
-  tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel, 0
+  tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel, slot
   blocks:  int64 [B]    = (tensor << 32) | chunk; program b updates chunk * BLOCK .. + BLOCK of that tensor
-Hyperparameters are runtime arguments (a new lr/alpha/eps never compiles a new kernel); the switches that
-change what is read or computed are constexpr. Math is float32; stores round to nearest even.
+  hyper:   int64 [S, 8] = per slot (param group): lr address (LR_ON_DEVICE), then as float32 columns 2..8:
+                          lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize)
+Hyperparameters are values in the hyper table (a new lr/alpha/eps never compiles a new kernel); the switches
+that change what is read or computed are constexpr. Math is float32; stores round to nearest even.
 """
 
 import triton
@@ -35,7 +37,7 @@ def _ptr(addr, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def _update_chunk(
     p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
-    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale,
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
@@ -53,10 +55,10 @@ def _update_chunk(
     v = tl.load(vp, mask=mask).to(tl.float32)
     if GRAD_SCALE:
         g = tl.div_rn(g, grad_scale)  # exactly torch's unscale
-    if MAXIMIZE:
-        g = -g
-    if WEIGHT_DECAY:
-        g = g + weight_decay * p
+    if MAXIMIZE:  # per slot: sign is -1 for maximize, +1 otherwise (exact either way)
+        g = g * sign
+    if WEIGHT_DECAY:  # per slot: a slot without weight decay keeps g exactly (0 * inf would be NaN)
+        g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)
     v = alpha * v + (one_minus_alpha * g) * g  # torch's addcmul order: g * g alone overflows above 1.8e19
     if CENTERED:
         ap = _ptr(a_addr, start, S_DTYPE, FULL_ALIGNED) + offs
@@ -84,8 +86,7 @@ def _update_chunk(
 
 @triton.jit
 def _rmsprop_kernel(
-    tensors, blocks,
-    lr, lr_ptr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale_ptr, found_inf_ptr,
+    tensors, blocks, hyper_ptrs, hyper_vals, grad_scale_ptr, found_inf_ptr,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     EPS_IN_SQRT: tl.constexpr, LR_ON_DEVICE: tl.constexpr, GRAD_SCALE: tl.constexpr, FOUND_INF: tl.constexpr,
@@ -105,21 +106,31 @@ def _rmsprop_kernel(
         a_addr = tl.load(row + 4)
         step_addr = tl.load(row + 5)
         numel = tl.load(row + 6)
-        start = chunk * BLOCK  # int64: tensors beyond 2**31 elements are fine
+        slot = tl.load(row + 7)
+        h = hyper_vals + slot * 16  # float32 columns of this tensor's slot
         if LR_ON_DEVICE:
-            lr = tl.load(lr_ptr)
+            lr = tl.load(tl.load(hyper_ptrs + slot * 8).to(tl.pointer_type(tl.float32)))
+        else:
+            lr = tl.load(h + 2)
+        alpha = tl.load(h + 3)
+        one_minus_alpha = tl.load(h + 4)
+        eps = tl.load(h + 5)
+        weight_decay = tl.load(h + 6)
+        momentum = tl.load(h + 7)
+        sign = tl.load(h + 8)
+        start = chunk * BLOCK  # int64: tensors beyond 2**31 elements are fine
         grad_scale = 1.0
         if GRAD_SCALE:
             grad_scale = tl.load(grad_scale_ptr)
         aligned = ((p_addr | g_addr | v_addr | b_addr | a_addr) & 15) == 0
         if aligned and (start + BLOCK <= numel):
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
-                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale,
+                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
                           True, BLOCK)
         else:
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
-                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_scale,
+                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
                           False, BLOCK)
         if (chunk == 0) and (step_addr != 0):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,9 +20,9 @@ FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 SIXTEEN_BIT = ("float16", "bfloat16")
 
 
-@dataclass(frozen=True)
-class Hyper:
-    """Hyperparameters and switches of one step (runtime values; none of them selects a kernel)."""
+class Hyper(NamedTuple):
+    """Hyperparameters and switches of one step (runtime values; none of them selects a kernel). A NamedTuple:
+    immutable, and cheap to make every step when a scheduler changes lr."""
 
     lr: float | torch.Tensor
     alpha: float
@@ -50,28 +50,36 @@ class Group:
     momentum_buffers: list | None = None
     grad_avgs: list | None = None
     steps: list | None = None  # step counters (float32 scalars) or None when the caller keeps none
+    slots: list | None = None  # per tensor: which Hyper of the launch applies (None: all use the first)
 
     def __len__(self) -> int:
         return len(self.params)
 
+    def subset(self, index: list[int]) -> Group:
+        """The group of these tensors (in this order), in slot 0."""
+        pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
+        return Group(self.device, self.param_dtype, self.state_dtype, pick(self.params), pick(self.grads),
+                     pick(self.square_avgs), pick(self.momentum_buffers), pick(self.grad_avgs), pick(self.steps))
+
     def split(self) -> list[Group]:
         """One group per tensor (for foreach=False: one launch per tensor, the classic layout)."""
-        out = []
-        for i in range(len(self)):
-            out.append(
-                Group(
-                    self.device,
-                    self.param_dtype,
-                    self.state_dtype,
-                    [self.params[i]],
-                    [self.grads[i]],
-                    [self.square_avgs[i]],
-                    None if self.momentum_buffers is None else [self.momentum_buffers[i]],
-                    None if self.grad_avgs is None else [self.grad_avgs[i]],
-                    None if self.steps is None else [self.steps[i]],
-                )
-            )
-        return out
+        return [self.subset([i]) for i in range(len(self))]
+
+    def by_slot(self, hypers: list) -> list[tuple[Group, Any]]:
+        """(group, hyper) per slot, for a backend that runs one hyper at a time."""
+        if self.slots is None or len(hypers) == 1:
+            return [(self, hypers[0])]
+        return [(self.subset([i for i, s in enumerate(self.slots) if s == k]), h) for k, h in enumerate(hypers)]
+
+    @staticmethod
+    def merge(parts: list[Group]) -> Group:
+        """One launch's group from several param groups' groups of one layout: part k is slot k."""
+        first = parts[0]
+        cat = lambda name: None if getattr(first, name) is None else [  # noqa: E731
+            x for g in parts for x in getattr(g, name)]
+        return Group(first.device, first.param_dtype, first.state_dtype, cat("params"), cat("grads"),
+                     cat("square_avgs"), cat("momentum_buffers"), cat("grad_avgs"), cat("steps"),
+                     [k for k, g in enumerate(parts) for _ in range(len(g))])
 
 
 def _check_nonneg(name: str, value) -> None:

@@ -51,7 +51,7 @@ def rmsprop(
     checked = check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper,
                            foreach=foreach, backend=backend)
     for entry in prepare(checked, owned=False):  # every check and table first, then the writes
-        entry.run(hyper)
+        entry.run({0: hyper})
 
 
 def which_backend(params, *, backend=None, **options) -> list[str]:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from operator import is_, itemgetter
+
 import torch
 from torch.optim import Optimizer
 
 from . import backends
 from ._contract import STATE_KEYS, check_float32_range, validate_hyperparameters
-from .plan import GroupWatch, StepPlan, check_groups, make_hyper, prepare
+from .plan import StepPlan, check_groups, make_hyper, prepare
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+# values a step reads besides lr (compared by identity: a tensor lr must not be compared by value on the host)
+_lr_of = itemgetter("lr")
+_hyper_values = itemgetter("alpha", "eps", "weight_decay", "momentum", "centered", "maximize", "eps_in_sqrt",
+                           "capturable")
 
 
 class RMSprop(Optimizer):
@@ -88,7 +94,7 @@ class RMSprop(Optimizer):
                 out["momentum_buffers"].append(state["momentum_buffer"])
             if group["centered"]:
                 out["grad_avgs"].append(state["grad_avg"])
-        out["idle"], out["state_keys"] = idle, ["step", *needed]
+        out["idle"] = idle
         return out
 
     @torch._disable_dynamo  # clean graph break (lazy: imports dynamo at the first call, not at import)
@@ -137,37 +143,44 @@ class RMSprop(Optimizer):
             elif t["params"]:
                 validate_hyperparameters(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
                                          group["momentum"], read_tensor_lr=not group["capturable"])
-                hyper = self._hyper(group)
-                checked.append((gi, check_groups(
+                checked += check_groups(
                     t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"], t["steps"],
-                    hyper, foreach=group["foreach"], backend=group["backend"])))
+                    self._hyper(group), foreach=group["foreach"], backend=group["backend"], group_index=gi)
             if any(p.is_complex() or type(p).__name__ == "DTensor" for p in t["params"]):
                 plan.cacheable = False  # the kernels see per-call views of these: check every step
             gathered.append(t)
-        for gi, c in checked:
-            plan.entries += prepare(c, gi, owned=True)
+        plan.entries += prepare(checked, owned=True)  # one launch per layout across param groups
         for p, state in pending.items():  # every check passed: commit new state
             self.state[p] = state
-        for group, t in zip(self.param_groups, gathered):  # watch the live state dicts, now committed
-            plan.watches.append(GroupWatch.of(group, t["params"], t["idle"], t["grads"],
-                                              [self.state[p] for p in t["params"]], t["state_keys"]))
+        for group, t in zip(self.param_groups, gathered):  # what the plan read, watched from now on
+            plan.watch(group, t["params"], t["idle"], t["grads"])
+        plan.seal(self.state)
         return plan
 
     def _run(self, plan: StepPlan, grad_scale, found_inf) -> None:
-        hypers = {}
-        for e in plan.entries:  # every value checked before the first write
-            if e.group_index not in hypers:
-                h = hypers[e.group_index] = self._hyper(self.param_groups[e.group_index], grad_scale, found_inf)
-                if not isinstance(e, _ReferenceEntry) and e.group.param_dtype != "float64":
-                    check_float32_range(h)
-                if isinstance(e, _ReferenceEntry) and (grad_scale is not None or found_inf is not None):
+        amp = grad_scale is not None or found_inf is not None
+        groups = self.param_groups
+        values = list(map(_hyper_values, groups))
+        lrs = list(map(_lr_of, groups))
+        if amp or values != plan.last_values or not all(map(is_, lrs, plan.last_lrs)):
+            # else the same values as last step: checked, and reused
+            hypers = {}
+            for e in plan.entries:  # every value checked before the first write
+                reference = isinstance(e, _ReferenceEntry)
+                if reference and amp:
                     raise RuntimeError("differentiable=True groups cannot take GradScaler's grad_scale/found_inf")
+                for gi in e.group_indices:
+                    h = hypers.get(gi) or hypers.setdefault(gi, self._hyper(groups[gi], grad_scale, found_inf))
+                    if not reference and e.group.param_dtype != "float64":
+                        check_float32_range(h)
+            plan.last_values, plan.last_lrs, plan.last_hypers = (None, (), None) if amp else (values, lrs, hypers)
+        else:
+            hypers = plan.last_hypers
         for e in plan.entries:
             if isinstance(e, _ReferenceEntry):
-                e.run(self, self.param_groups[e.group_index])
+                e.run(self, groups[e.group_indices[0]])
             else:
-                e.run(hypers[e.group_index])
-
+                e.run(hypers)
 
     def add_param_group(self, param_group) -> None:
         super().add_param_group(param_group)
@@ -231,7 +244,7 @@ class _ReferenceEntry:
     (same state keys and state_dict), so code written for torch.optim.RMSprop(differentiable=True) runs."""
 
     def __init__(self, group_index: int):
-        self.group_index = group_index
+        self.group_indices = [group_index]
 
     def regrad(self) -> None:
         """Nothing to re-point: run() gathers the group's grads itself every step."""

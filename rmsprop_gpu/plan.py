@@ -1,6 +1,8 @@
 """The step plan: every check, grouping, backend choice, table and temporary of a step, built once.
 
-Data path of one step: optimizer -> plan -> one launch per (device, dtypes, variant) group. A plan is built
+Data path of one step: optimizer -> plan -> one launch per (device, dtypes, variant) group, across param
+groups: the kernel backends read each param group's hyperparameters from a per-slot table, so 40 param groups
+of one layout (layer-wise lr decay) are one launch. A plan is built
 with every check (nothing is written unless all of them pass, for every group and every backend) and then
 reused: each step only confirms, in a few operations per tensor, that nothing it depends on changed
 (param groups and their structural options, grad objects and storage, param storage, state entries). Any
@@ -11,7 +13,8 @@ read fresh every step and never rebuild anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import is_
+from itertools import chain, repeat
+from operator import attrgetter, is_, itemgetter
 from typing import Any
 
 import torch
@@ -33,8 +36,20 @@ def make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_i
                  bool(maximize), bool(eps_in_sqrt), bool(capturable), grad_scale, found_inf)
 
 
+@dataclass
+class Checked:
+    """A checked tensor group: the backend chosen for it, the param group it came from, and whether it must run
+    alone (foreach=False: one launch per tensor)."""
+
+    backend: backends.Backend
+    group: Group
+    hyper: Hyper
+    group_index: int = 0
+    alone: bool = False
+
+
 def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper: Hyper,
-                 foreach=None, backend=None) -> list[tuple[backends.Backend, Group, Hyper]]:
+                 foreach=None, backend=None, group_index: int = 0) -> list[Checked]:
     """Check everything and choose a backend per group, writing nothing. Raises on any problem."""
     groups = build_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper)
     if foreach is False:  # torch's for-loop layout: one launch per tensor
@@ -48,119 +63,162 @@ def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, st
         if isinstance(hyper.lr, torch.Tensor) and hyper.lr.device not in (torch.device("cpu"), g.device):
             raise ValueError(f"Tensor lr is on {hyper.lr.device}; it must be on the CPU or the params' device "
                              f"({g.device})")
-        out.append((backends.select(backend, g, hyper), g, hyper))
+        out.append(Checked(backends.select(backend, g, hyper), g, hyper, group_index, foreach is False))
     return out
 
 
 @dataclass
 class Entry:
-    """One launch of the plan: the backend, its tensor group, the param group it came from, prepared state."""
+    """One launch of the plan: the backend, its tensor group, the param groups in its slots, prepared state."""
 
     backend: backends.Backend
     group: Group
-    group_index: int
+    group_indices: list[int]  # slot k of the launch takes the hyperparameters of param group group_indices[k]
     prepared: Any
 
-    def run(self, hyper: Hyper) -> None:
-        self.backend.run(self.prepared, self.group, hyper)
+    def run(self, hypers: dict[int, Hyper]) -> None:
+        self.backend.run(self.prepared, self.group, [hypers[i] for i in self.group_indices])
 
     def regrad(self) -> None:
-        """Take the params' re-allocated grads (same kind): re-point the tables, reused if addresses repeat."""
-        self.group.grads = [p.grad for p in self.group.params]
-        self.prepared = self.backend.prepare(self.group, None, owned=True, previous=self.prepared)
+        """Take the params' re-allocated grads (same kind): re-point the tables (kept if the addresses repeat)."""
+        self.group.grads = list(map(_grad, self.group.params))
+        self.prepared = self.backend.regrad(self.prepared, self.group)
 
 
-def prepare(checked, group_index: int = 0, owned: bool = True) -> list[Entry]:
-    """Tables and temporaries for every checked group (nothing the caller owns is written)."""
-    return [Entry(b, g, group_index, b.prepare(g, h, owned=owned)) for b, g, h in checked]
+def _launch_key(c: Checked):
+    """Checked groups with equal keys share one launch; None: a launch of its own."""
+    if c.alone or not c.backend.shares_launches:
+        return None
+    g, h = c.group, c.hyper
+    lr_on_device = isinstance(h.lr, torch.Tensor) and h.lr.device == g.device
+    return (c.backend.name, g.device, g.param_dtype, g.state_dtype, g.momentum_buffers is not None,
+            g.grad_avgs is not None, g.steps is not None, h.eps_in_sqrt, lr_on_device, type(g.params[0]))
 
 
-@dataclass
-class GroupWatch:
-    """What a param group's part of the plan depends on, in the form the per-step check compares fastest."""
-
-    group: dict
-    params_list: list
-    params: tuple
-    structure: tuple
-    active: list  # params with a grad
-    idle: list  # params without one
-    grads: list
-    ptrs: list  # data pointers of active params then grads
-    states: list  # the state dict of each active param
-    state_entries: list  # (state dict, key, tensor) the plan reads
-
-    @classmethod
-    def of(cls, group: dict, active: list, idle: list, grads: list, states: list, keys: list) -> GroupWatch:
-        return cls(group, group["params"], tuple(group["params"]), structure(group), list(active), idle,
-                   list(grads), [p.data_ptr() for p in active] + [g.data_ptr() for g in grads], states,
-                   [(st, k, st[k]) for st in states for k in keys])
-
-    def status(self, group: dict, opt_state) -> str:
-        """"same"; "grads" when only grad objects were replaced (zero_grad(set_to_none=True) + backward); else
-        "rebuild"."""
-        if group is not self.group or group["params"] is not self.params_list:
-            return "rebuild"
-        params = group["params"]
-        if len(params) != len(self.params) or not all(map(is_, params, self.params)):
-            return "rebuild"
-        if structure(group) != self.structure:
-            return "rebuild"
-        if not all(map(is_, map(opt_state.get, self.active), self.states)):
-            return "rebuild"
-        if not all(d.get(k) is t for d, k, t in self.state_entries):
-            return "rebuild"
-        grads = [p.grad for p in self.active]
-        same = all(map(is_, grads, self.grads))
-        ptrs = list(map(_data_ptr, self.active))
-        if not same:
-            if any(p.grad is not None for p in self.idle) or not all(map(_same_kind, grads, self.grads)):
-                return "rebuild"
-            ptrs += map(_data_ptr, grads)
-            if ptrs[: len(self.active)] != self.ptrs[: len(self.active)]:
-                return "rebuild"
-            self.grads = grads
-            self.ptrs = ptrs
-            return "grads"
-        if any(p.grad is not None for p in self.idle):
-            return "rebuild"
-        ptrs += map(_data_ptr, grads)
-        return "same" if ptrs == self.ptrs else "rebuild"
-
-
-def _same_kind(new, old) -> bool:
-    """A replacement grad the plan can take without the full checks: same shape, dtype, device and strides."""
-    return (new is not None and new.layout == torch.strided and new.dtype == old.dtype and new.shape == old.shape
-            and new.device == old.device and new.stride() == old.stride())
+def prepare(checked: list[Checked], owned: bool = True) -> list[Entry]:
+    """One entry per launch (checked groups of one layout merged across param groups), with its tables and
+    temporaries. Nothing the caller owns is written."""
+    launches: dict = {}
+    for i, c in enumerate(checked):
+        key = _launch_key(c)
+        launches.setdefault(i if key is None else key, []).append(c)
+    entries = []
+    for parts in launches.values():
+        group = parts[0].group if len(parts) == 1 else Group.merge([c.group for c in parts])
+        b = parts[0].backend
+        entries.append(Entry(b, group, [c.group_index for c in parts], b.prepare(group, parts[0].hyper, owned=owned)))
+    return entries
 
 
 def structure(group: dict) -> tuple:
-    """The options of a param group that change what is launched (values never do)."""
+    """The options of a param group that change what is launched. Values never do, nor maximize and whether
+    weight decay is on: the kernels take both per slot, every step."""
     lr = group["lr"]
-    return (group["momentum"] > 0, bool(group["centered"]), bool(group["maximize"]),
-            bool(group.get("eps_in_sqrt", False)), bool(group["capturable"]), group["foreach"], group["backend"],
-            group.get("state_dtype"), bool(group["differentiable"]), group["weight_decay"] != 0,
-            (lr.device, lr.dtype) if isinstance(lr, torch.Tensor) else None)
+    return (group["momentum"] > 0, bool(group["centered"]), bool(group.get("eps_in_sqrt", False)),
+            bool(group["capturable"]), group["foreach"], group["backend"], group.get("state_dtype"),
+            bool(group["differentiable"]), (lr.device, lr.dtype) if isinstance(lr, torch.Tensor) else None)
+
+
+_structure_raw = itemgetter("momentum", "centered", "eps_in_sqrt", "capturable", "foreach", "backend", "state_dtype",
+                            "differentiable")  # C-speed snapshot of the options; structure() decides when it differs
+_params_of = itemgetter("params")
+_lr_of = itemgetter("lr")
+_grad = attrgetter("grad")
+_layout = attrgetter("layout")
+_stride = torch.Tensor.stride
+
+
+def _lr_kind(lr):
+    return (lr.device, lr.dtype) if isinstance(lr, torch.Tensor) else None
 
 
 @dataclass
 class StepPlan:
-    entries: list[Entry] = field(default_factory=list)
-    watches: list[GroupWatch] = field(default_factory=list)
+    """The launches of a step and what they depend on, flattened over param groups so that the per-step check is
+    a few C-level passes (map/all) over the tensors instead of Python per tensor."""
+
+    entries: list = field(default_factory=list)
     cacheable: bool = True  # False for DTensor and complex params (the kernels see views made per call)
+    groups: list = field(default_factory=list)  # param group dicts
+    params_lists: list = field(default_factory=list)  # their "params" lists, and lengths
+    lengths: list = field(default_factory=list)
+    params: list = field(default_factory=list)  # every param, in group order
+    raw: list = field(default_factory=list)  # _structure_raw of each group
+    shapes: list = field(default_factory=list)  # structure() of each group
+    lr_types: list = field(default_factory=list)  # type of each group's lr; and (device, dtype) of tensor lrs
+    lr_kinds: list = field(default_factory=list)
+    last_values: list | None = None  # the hyperparameter values of the last step, its lr objects and Hypers
+    last_lrs: tuple | list = ()  # (reused while the values repeat)
+    last_hypers: dict | None = None
+    active: list = field(default_factory=list)  # params the plan updates (they had a grad)
+    idle: list = field(default_factory=list)  # params without a grad
+    grads: list = field(default_factory=list)
+    grad_strides: list = field(default_factory=list)
+    param_ptrs: list = field(default_factory=list)
+    grad_ptrs: list = field(default_factory=list)
+    state_dicts: list = field(default_factory=list)  # the optimizer's per-param state dicts, in its order
+    state_values: list = field(default_factory=list)  # and every value they hold
+
+    def watch(self, group: dict, active: list, idle: list, grads: list) -> None:
+        """Record what the plan read from one param group (called once per group when the plan is built)."""
+        self.groups.append(group)
+        self.params_lists.append(group["params"])
+        self.lengths.append(len(group["params"]))
+        self.params += group["params"]
+        self.raw.append(_structure_raw(group))
+        self.shapes.append(structure(group))
+        self.lr_types.append(type(group["lr"]))
+        self.lr_kinds.append(_lr_kind(group["lr"]))
+        self.active += active
+        self.idle += idle
+        self.grads += grads
+        self.grad_strides += map(_stride, grads)
+        self.param_ptrs += map(_data_ptr, active)
+        self.grad_ptrs += map(_data_ptr, grads)
+
+    def seal(self, opt_state: dict) -> None:
+        """Record the optimizer's state once it is committed: a replaced per-param dict or state tensor, an entry
+        added or removed, is then seen by iterating dict values (no tensor hashing per step)."""
+        self.state_dicts = list(opt_state.values())
+        self.state_values = list(chain.from_iterable(map(dict.values, self.state_dicts)))
 
     def refresh(self, param_groups, opt_state) -> bool:
         """True when the plan can run as it is (after taking re-allocated grads), False when it must be rebuilt."""
-        if not self.cacheable or len(param_groups) != len(self.watches):
+        if not self.cacheable or len(param_groups) != len(self.groups) or not all(map(is_, param_groups,
+                                                                                     self.groups)):
             return False
-        regrad = []
-        for i, (w, g) in enumerate(zip(self.watches, param_groups)):
-            st = w.status(g, opt_state)
-            if st == "rebuild":
+        plists = list(map(_params_of, param_groups))
+        if not all(map(is_, plists, self.params_lists)) or list(map(len, plists)) != self.lengths:
+            return False
+        raw = list(map(_structure_raw, param_groups))
+        if raw != self.raw:  # some option's value changed: structural only if structure() says so
+            if list(map(structure, param_groups)) != self.shapes:
                 return False
-            if st == "grads":
-                regrad.append(i)
+            self.raw = raw
+        lrs = list(map(_lr_of, param_groups))
+        if list(map(type, lrs)) != self.lr_types or (any(self.lr_kinds) and list(map(_lr_kind, lrs)) != self.lr_kinds):
+            return False
+        if not all(map(is_, chain.from_iterable(self.params_lists), self.params)):
+            return False
+        if len(opt_state) != len(self.state_dicts) or not all(map(is_, opt_state.values(), self.state_dicts)):
+            return False
+        values = list(chain.from_iterable(map(dict.values, self.state_dicts)))
+        if len(values) != len(self.state_values) or not all(map(is_, values, self.state_values)):
+            return False
+        if not all(map(is_, map(_grad, self.idle), repeat(None))):  # a param gained a grad
+            return False
+        if list(map(_data_ptr, self.active)) != self.param_ptrs:  # p.data = ... or storage swapped
+            return False
+        if all(map(is_, map(_grad, self.active), self.grads)):
+            return list(map(_data_ptr, self.grads)) == self.grad_ptrs  # grad.data = ... rebuilds
+        grads = list(map(_grad, self.active))
+        # grads re-allocated (zero_grad(set_to_none=True) + backward): torch's grad setter guarantees shape,
+        # dtype and device; the tables need the same strides and a dense layout
+        if (any(map(is_, grads, repeat(None))) or not all(map(is_, map(_layout, grads), repeat(torch.strided)))
+                or list(map(_stride, grads)) != self.grad_strides):
+            return False
+        self.grads = grads
+        self.grad_ptrs = list(map(_data_ptr, grads))
         for e in self.entries:
-            if e.group_index in regrad:
-                e.regrad()
+            e.regrad()
         return True

@@ -351,3 +351,183 @@ def test_fast_path_equals_a_fresh_plan(backend):
         b._plan = None  # forces the full build every step
         b.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+
+
+# ---------------------------------------------------------------- one launch across param groups
+def _layerwise_groups(n_groups, seed, **extra):
+    """n_groups param groups of 2 odd-sized tensors each (layer-wise lr decay); every third without weight decay,
+    every fifth maximizing, one group with an inf param and no weight decay."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for i in range(n_groups):
+        ps = [torch.randn(17 + i, generator=gen), torch.randn(3, 5 + i % 4, generator=gen).t()]
+        groups.append(dict(params=ps, lr=0.01 * 0.9**i, weight_decay=0.0 if i % 3 == 0 else 0.01 * (1 + i % 4),
+                           maximize=i % 5 == 4, alpha=0.9 + 0.002 * (i % 7), **extra))
+    groups[3]["params"][0][2] = float("inf")  # wd=0 in this group: torch keeps inf (0 * inf would give NaN)
+    return groups
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("variant", [{}, dict(momentum=0.9, centered=True)], ids=["plain", "centered_momentum"])
+def test_forty_param_groups_are_one_launch_and_match_torch(backend, variant):
+    def clone_groups(groups):
+        return [dict(g, params=[p.clone() for p in g["params"]]) for g in groups]
+
+    base = _layerwise_groups(40, 0, **variant)
+    ours_groups, ref_groups = clone_groups(base), clone_groups(base)
+    ours = rmsprop_gpu.RMSprop(ours_groups, backend=backend)
+    ref = torch.optim.RMSprop(ref_groups, foreach=False)
+    sched_a = torch.optim.lr_scheduler.ExponentialLR(ours, 0.95)
+    sched_b = torch.optim.lr_scheduler.ExponentialLR(ref, 0.95)
+    gen = torch.Generator().manual_seed(1)
+    b = REGISTRY[backend]
+    for _ in range(3):
+        for ga, gb in zip(ours.param_groups, ref.param_groups):
+            for p, q in zip(ga["params"], gb["params"]):
+                p.grad = torch.randn(p.shape, generator=gen)
+                q.grad = p.grad.clone()
+        n0 = b.launches
+        ours.step()
+        ref.step()
+        assert b.launches - n0 == 1  # 40 param groups, one layout: one launch
+        sched_a.step()
+        sched_b.step()
+    for ga, gb in zip(ours.param_groups, ref.param_groups):
+        for p, q in zip(ga["params"], gb["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, equal_nan=True)
+            for key, t in ours.state[p].items():
+                torch.testing.assert_close(t, ref.state[q][key], rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert torch.isinf(ours.param_groups[3]["params"][0][2])  # not NaN: no weight decay term in that slot
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_hyper_table_uploads_only_when_values_change(backend):
+    groups = _layerwise_groups(6, 2)
+    for g in groups:
+        for p in g["params"]:
+            p.grad = torch.randn_like(p)
+    opt = rmsprop_gpu.RMSprop(groups, backend=backend)
+    tables = REGISTRY[backend].tables
+    opt.step()
+    builds, uploads = tables.builds, tables.hyper_uploads
+    for _ in range(3):
+        opt.step()
+    assert (tables.builds, tables.hyper_uploads) == (builds, uploads)  # warm: nothing built, nothing uploaded
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    opt.step()
+    assert (tables.builds, tables.hyper_uploads) == (builds, uploads + 3)  # one small upload per lr change
+    opt.param_groups[4]["weight_decay"] = 0.0  # a value, not structure: same plan, same tables
+    plan = opt._plan
+    opt.step()
+    assert opt._plan is plan and tables.builds == builds
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_groups_of_different_layouts_do_not_share_a_launch(backend):
+    gen = torch.Generator().manual_seed(3)
+    groups = [dict(params=[torch.randn(40, generator=gen)], lr=0.01),
+              dict(params=[torch.randn(40, generator=gen)], lr=0.02, momentum=0.9),
+              dict(params=[torch.randn(40, generator=gen)], lr=0.03, eps_in_sqrt=True),
+              dict(params=[torch.randn(40, generator=gen).to(torch.bfloat16)], lr=0.04),
+              dict(params=[torch.randn(40, generator=gen), torch.randn(40, generator=gen)], lr=0.05, foreach=False),
+              dict(params=[torch.randn(40, generator=gen)], lr=0.06)]
+    for g in groups:
+        for p in g["params"]:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    opt = rmsprop_gpu.RMSprop(groups, backend=backend)
+    n0 = REGISTRY[backend].launches
+    opt.step()
+    # groups 0 and 5 share one launch; momentum, eps_in_sqrt, bf16 each their own; foreach=False one per tensor
+    assert REGISTRY[backend].launches - n0 == 6
+
+
+def _mutations():
+    """Changes a cached plan must notice: (name, fn(opt, params, gen))."""
+
+    def new_tensor(shape, gen):
+        return torch.randn(shape, generator=gen)
+
+    def p_data(opt, ps, gen):
+        ps[0].data = new_tensor(ps[0].shape, gen)
+
+    def p_data_shape(opt, ps, gen):
+        ps[1].data = new_tensor((4, 6), gen)
+        ps[1].grad = new_tensor((4, 6), gen)
+        for k in ("square_avg", "momentum_buffer"):
+            opt.state[ps[1]][k] = torch.rand(4, 6, generator=gen)
+
+    def grad_transposed(opt, ps, gen):
+        ps[1].grad = new_tensor(ps[1].shape[::-1], gen).t()
+
+    def grad_data(opt, ps, gen):
+        ps[0].grad.data = new_tensor(ps[0].shape, gen)
+
+    def grad_set_to_none(opt, ps, gen):
+        ps[2].grad = None
+
+    def idle_gains_grad(opt, ps, gen):
+        ps[3].grad = new_tensor(ps[3].shape, gen)
+
+    def state_tensor_replaced(opt, ps, gen):
+        opt.state[ps[0]]["square_avg"] = torch.rand(ps[0].shape, generator=gen)
+
+    def state_dict_replaced(opt, ps, gen):
+        opt.state[ps[0]] = {k: v.clone() + 0.5 for k, v in opt.state[ps[0]].items()}
+
+    def state_deleted(opt, ps, gen):
+        del opt.state[ps[2]]
+
+    def params_entry_swapped(opt, ps, gen):
+        q = new_tensor(ps[0].shape, gen)
+        q.grad = new_tensor(q.shape, gen)
+        opt.param_groups[0]["params"][0] = q
+        ps[0] = q
+
+    def group_option_edited(opt, ps, gen):
+        opt.param_groups[0]["centered"] = True
+
+    def lr_becomes_tensor(opt, ps, gen):
+        opt.param_groups[0]["lr"] = torch.tensor(0.02)
+
+    def group_added(opt, ps, gen):
+        q = new_tensor((5,), gen)
+        q.grad = new_tensor((5,), gen)
+        opt.add_param_group(dict(params=[q], lr=0.03))
+        ps.append(q)
+
+    return [(f.__name__, f) for f in (p_data, p_data_shape, grad_transposed, grad_data, grad_set_to_none,
+                                      idle_gains_grad, state_tensor_replaced, state_dict_replaced, state_deleted,
+                                      params_entry_swapped, group_option_edited, lr_becomes_tensor, group_added)]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("name,mutate", _mutations(), ids=[n for n, _ in _mutations()])
+def test_a_cached_plan_is_never_stale(backend, name, mutate):
+    """After each change, the cached plan's step equals a step planned from scratch, bit for bit."""
+
+    def setup():
+        gen = torch.Generator().manual_seed(7)
+        ps = [torch.randn(33, generator=gen), torch.randn(6, 4, generator=gen), torch.randn(10, generator=gen),
+              torch.randn(3, generator=gen)]
+        for p in ps[:3]:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt = rmsprop_gpu.RMSprop(ps, lr=0.01, momentum=0.9, backend=backend)
+        for _ in range(2):
+            opt.step()
+        return opt, ps
+
+    (cached, ps_a), (fresh, ps_b) = setup(), setup()
+    mutate(cached, ps_a, torch.Generator().manual_seed(8))
+    mutate(fresh, ps_b, torch.Generator().manual_seed(8))
+    for _ in range(2):
+        cached.step()
+        fresh._plan = None
+        fresh.step()
+    for a, b in zip(ps_a, ps_b):
+        assert torch.equal(a, b), name
+        assert cached.state.get(a, {}).keys() == fresh.state.get(b, {}).keys()
+        for k, v in cached.state.get(a, {}).items():
+            assert torch.equal(v, fresh.state[b][k]), (name, k)

@@ -7,6 +7,7 @@ Importing this module imports neither triton nor cupy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -69,4 +70,19 @@ def available_backends(device: str | torch.device | None = None) -> dict[str, di
     return out
 
 
-__all__ = ["Backend", "BackendUnavailableError", "BACKENDS", "ENV_VAR", "available_backends", "select"]
+@contextlib.contextmanager
+def launches_stubbed():
+    """Host-overhead seam: inside, the kernel backends (triton, cupy) prepare, check and count every launch but
+    do not launch (nothing is written by a kernel), and accept CPU tensors. Used by perf/host_overhead.py."""
+    kernel_backends = [b for b in BACKENDS.values() if b.name != "torch"]
+    for b in kernel_backends:
+        b.launch_stubbed = True
+    try:
+        yield
+    finally:
+        for b in kernel_backends:
+            b.launch_stubbed = False
+
+
+__all__ = ["Backend", "BackendUnavailableError", "BACKENDS", "ENV_VAR", "available_backends", "launches_stubbed",
+           "select"]

@@ -1,13 +1,19 @@
-"""The kernel contract shared by the Triton and CuPy backends: tensor table, block list, launch arguments.
+"""The kernel contract shared by the Triton and CuPy backends: tensor table, block list, hyperparameter table.
 
 tensor table: int64 [T, ROW]: addresses of param, grad, square_avg, momentum_buffer, grad_avg, step
-              (0 where absent or where the step counter lives on the host) and numel.
+              (0 where absent or where the step counter lives on the host), numel, and the tensor's slot:
+              its row in the hyperparameter table (one slot per param group sharing the launch).
 block list:   int64 [B]: (tensor index << 32) | chunk index; a kernel program / CUDA block updates
               elements [chunk * BLOCK, min((chunk + 1) * BLOCK, numel)) of that tensor. Every tensor owns
               at least one block, so zero-element tensors still get their step counter advanced.
+hyper table:  int64 [S, HYPER_ROW], read as float32 [S, 2 * HYPER_ROW] too: int64 column 0 holds the address
+              of a device lr (LR_ON_DEVICE); float32 columns H_LR.. hold lr, alpha, 1 - alpha, eps,
+              weight_decay, momentum and the gradient's sign (-1 for maximize). 40 param groups of one layout
+              are one launch with 40 slots.
 
-The tables are built on the host once per set of addresses, uploaded without a host sync, and cached:
-a new table is built only when some storage changes (e.g. grads re-allocated after zero_grad(set_to_none)).
+The tensor and block tables are built on the host once per set of addresses and uploaded without a host
+sync; the hyper table is persistent and rewritten (uploaded) only when a value changes, e.g. a scheduler's lr.
+Launch-wide switches (flags) select what is read and computed; they never carry a value.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import is_
 from typing import Any
 
 import numpy as np
@@ -25,21 +32,26 @@ from .._contract import Group, Hyper
 from .base import advance_steps
 
 BLOCK = 2048  # elements per program (Triton) / per CUDA block (256 threads x 8): part of the contract
-ROW = 8  # int64 fields per tensor: p, g, v, buf, grad_avg, step, numel, reserved
+ROW = 8  # int64 fields per tensor: p, g, v, buf, grad_avg, step, numel, slot
+HYPER_ROW = 8  # int64 fields per slot (16 float32)
+H_LR, H_ALPHA, H_ONE_MINUS_ALPHA, H_EPS, H_WEIGHT_DECAY, H_MOMENTUM, H_SIGN = range(2, 9)  # float32 columns
 KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 
 # flag bits (the CUDA kernel reads them at run time; Triton turns each into a constexpr)
 MAXIMIZE, WEIGHT_DECAY, EPS_IN_SQRT, LR_ON_DEVICE, GRAD_SCALE, FOUND_INF = (1 << i for i in range(6))
 
 
-def variant_flags(hyper: Hyper, lr_on_device: bool) -> int:
+def variant_flags(hypers: list[Hyper], lr_on_device: bool) -> int:
+    """The launch's switches. Slots of one launch share eps placement, lr kind, grad_scale and found_inf;
+    maximize and weight decay are per slot (sign and weight_decay values), switched on when any slot uses them."""
+    h = hypers[0]
     return (
-        (MAXIMIZE if hyper.maximize else 0)
-        | (WEIGHT_DECAY if hyper.weight_decay != 0 else 0)
-        | (EPS_IN_SQRT if hyper.eps_in_sqrt else 0)
+        (MAXIMIZE if any(x.maximize for x in hypers) else 0)
+        | (WEIGHT_DECAY if any(x.weight_decay != 0 for x in hypers) else 0)
+        | (EPS_IN_SQRT if h.eps_in_sqrt else 0)
         | (LR_ON_DEVICE if lr_on_device else 0)
-        | (GRAD_SCALE if hyper.grad_scale is not None else 0)
-        | (FOUND_INF if hyper.found_inf is not None else 0)
+        | (GRAD_SCALE if h.grad_scale is not None else 0)
+        | (FOUND_INF if h.found_inf is not None else 0)
     )
 
 
@@ -50,9 +62,11 @@ def kernel_unsupported_reason(group: Group) -> str | None:
 
 
 def build_tables(rows: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """rows: (p, g, v, buf, grad_avg, step, numel[, slot]) per tensor."""
     tensors = np.zeros((max(len(rows), 1), ROW), dtype=np.int64)
     if rows:
-        tensors[:, :7] = np.asarray(rows, dtype=np.uint64).view(np.int64)
+        a = np.asarray(rows, dtype=np.uint64).view(np.int64)
+        tensors[:, : a.shape[1]] = a
     numels = tensors[: len(rows), 6]
     nblocks = np.maximum(1, (numels + BLOCK - 1) // BLOCK)
     tensor_idx = np.repeat(np.arange(len(rows), dtype=np.int64), nblocks)
@@ -64,12 +78,13 @@ def build_tables(rows: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
 class TableCache:
     """LRU of uploaded tables keyed by every address and size they hold."""
 
-    def __init__(self, upload: Callable[[np.ndarray, Group], Any], max_entries: int = 32, stats=None):
-        self._upload = upload
+    def __init__(self, upload: Callable[..., Any], max_entries: int = 32, stats=None):
+        self._upload = upload  # upload(host array, group, out=None): a new device copy, or written into out
         self._max = max_entries  # 0: keep nothing (a step plan owns its tables itself)
-        self._entries: OrderedDict[tuple, tuple[Any, Any, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[Any, Any, int, HyperTable]] = OrderedDict()
         self.builds = 0  # how many tables were built (tests and benchmarks read it)
-        self._stats = stats  # another cache whose counter also counts these builds
+        self.hyper_uploads = 0  # how many times hyperparameter values were uploaded
+        self._stats = stats  # another cache whose counters also count these
 
     def owned(self) -> TableCache:
         """A cache that retains nothing, for a holder that keeps its tables alive itself (the step plan)."""
@@ -81,6 +96,20 @@ class TableCache:
         if hit is not None:
             self._entries.move_to_end(key)
             return hit
+        tensors, blocks = build_tables(rows)
+        n_slots = 1 + max((r[7] for r in rows), default=0) if rows and len(rows[0]) > 7 else 1
+        device_tensors = self.upload_tensors(tensors, group)
+        hyper = HyperTable(self._upload(np.zeros((n_slots, HYPER_ROW), dtype=np.int64), group), self._upload,
+                           self._stats or self)
+        entry = (device_tensors, self._upload(blocks, group), int(blocks.shape[0]), hyper, tensors)
+        if self._max:
+            self._entries[key] = entry
+            if len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+        return entry
+
+    def upload_tensors(self, tensors: np.ndarray, group: Group):
+        """A new device copy of a tensor table (counted as a build)."""
         if group.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "rmsprop_gpu: this step needs new tensor tables (a first step, or tensors re-allocated) while a "
@@ -88,27 +117,58 @@ class TableCache:
                 "eagerly (e.g. 3 iterations on a side stream) before capturing, and keep grads in place "
                 "(zero_grad(set_to_none=False)) so that capture finds the same tensors."
             )
-        tensors, blocks = build_tables(rows)
-        entry = (self._upload(tensors, group), self._upload(blocks, group), int(blocks.shape[0]))
         self.builds += 1
         if self._stats is not None:
             self._stats.builds += 1
-        if self._max:
-            self._entries[key] = entry
-            if len(self._entries) > self._max:
-                self._entries.popitem(last=False)
-        return entry
+        return self._upload(tensors, group)
 
     def clear(self) -> None:
         self._entries.clear()
 
 
-def upload_torch(a: np.ndarray, group: Group) -> torch.Tensor:
+def upload_torch(a: np.ndarray, group: Group, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A device copy of `a`, or `a` written into `out`. On CUDA: pinned + non_blocking, queued on the current
+    stream with no host sync (torch's pinned allocator keeps the source until the copy has run)."""
     t = torch.from_numpy(a)
     if group.device.type == "cpu":
-        return t
-    # pinned + non_blocking: the copy is queued on the current stream, no host sync
-    return t.pin_memory().to(group.device, non_blocking=True)
+        if out is None:
+            return t
+        return out.copy_(t)
+    src = t.pin_memory()
+    if out is None:
+        return src.to(group.device, non_blocking=True)
+    return out.copy_(src, non_blocking=True)
+
+
+class HyperTable:
+    """The persistent per-slot hyperparameter table of one launch. Written only when a value changed, so a warm
+    step with fixed values uploads nothing (and can be captured in a CUDA graph, which then reads the table)."""
+
+    def __init__(self, buffer, upload, stats):
+        self.buffer = buffer  # int64 [S, HYPER_ROW] on the device
+        self.floats = buffer.view(torch.float32) if isinstance(buffer, torch.Tensor) else None  # Triton's view
+        self._upload = upload
+        self._stats = stats
+        self.values: tuple | None = None  # what the device table holds now
+        self.keep: list = []  # device lr scalars converted for the kernel: alive until the next write
+
+    def write(self, group: Group, values: tuple, keep: list) -> None:
+        if values == self.values:
+            return
+        if group.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "rmsprop_gpu: hyperparameter values (lr, alpha, eps, weight_decay, momentum, maximize) changed "
+                "while a CUDA graph is being captured, and an upload cannot be captured. Capture with the values "
+                "of the warm-up step, and give lr as a CUDA tensor (capturable=True) to change it between replays."
+            )
+        a = np.zeros((len(values), HYPER_ROW), dtype=np.int64)
+        f = a.view(np.float32)
+        for s, (lr_addr, *vals) in enumerate(values):
+            a[s, 0] = lr_addr
+            f[s, H_LR: H_LR + len(vals)] = vals
+        self._upload(a, group, out=self.buffer)
+        self.values, self.keep = values, keep
+        self._stats.hyper_uploads += 1
 
 
 def same_layout(x: torch.Tensor, shape, strides) -> bool:
@@ -152,6 +212,11 @@ class Launch:
     host_steps: list = field(default_factory=list)  # step counters the kernel cannot reach (e.g. on the CPU)
     written: list = field(default_factory=list)  # tensors whose autograd version the step bumps
     rows: tuple = ()  # the addresses the tables hold: a re-prepare with the same rows reuses them
+    hyper: HyperTable | None = None  # per-slot hyperparameters the kernel reads
+    host_tensors: Any = None  # the tensor table as uploaded (host copy), for re-pointing grads
+    grad_copy: dict = field(default_factory=dict)  # tensor index -> its grad's entry in copy_in (a temporary)
+    grad_ptrs: list = field(default_factory=list)  # the grad column of the table
+    last: tuple = (None, None)  # (hypers, launch_args result): reused while the same Hyper objects come back
 
     def before(self) -> None:
         for tmp, orig in self.copy_in:
@@ -173,16 +238,32 @@ def _device_scalar(t, device):
     return t
 
 
-def scalar_args(group: Group, hyper: Hyper) -> tuple[int, float, Any, Any, Any]:
-    """Per-step launch arguments: flags, lr value, lr / grad_scale / found_inf device scalars (no host read)."""
-    lr, lr_tensor = hyper.lr, None
-    if isinstance(lr, torch.Tensor):
-        if lr.device == group.device:
-            lr_tensor, lr = _device_scalar(lr, group.device), 0.0
-        else:
-            lr = float(lr)  # a CPU scalar: reading it needs no device sync
-    return (variant_flags(hyper, lr_tensor is not None), float(lr), lr_tensor,
-            _device_scalar(hyper.grad_scale, group.device), _device_scalar(hyper.found_inf, group.device))
+def launch_args(launch: Launch, group: Group, hypers: list[Hyper]) -> tuple[int, Any, Any]:
+    """Per-step: the hyper table brought up to date (uploaded only on change), then the launch's flags and its
+    grad_scale / found_inf device scalars. No host read of a device value."""
+    last_hypers, last_args = launch.last
+    if last_hypers is not None and len(last_hypers) == len(hypers) and all(map(is_, hypers, last_hypers)):
+        return last_args
+    lr_on_device = isinstance(hypers[0].lr, torch.Tensor) and hypers[0].lr.device == group.device
+    values, keep = [], []
+    for h in hypers:
+        lr, lr_addr = h.lr, 0
+        if lr_on_device:
+            lr_t = _device_scalar(lr, group.device)
+            keep.append(lr_t)
+            lr, lr_addr = 0.0, arr.ptr(lr_t)
+        values.append((lr_addr, float(lr), h.alpha, 1.0 - h.alpha, h.eps, h.weight_decay, h.momentum,
+                       -1.0 if h.maximize else 1.0))
+    launch.hyper.write(group, tuple(values), keep)
+    h = hypers[0]
+    args = (variant_flags(hypers, lr_on_device), _device_scalar(h.grad_scale, group.device),
+            _device_scalar(h.found_inf, group.device))
+    # the same Hyper objects (the optimizer reuses them while values repeat) mean the same values, unless lr is a
+    # tensor read on the host or converted for the kernel
+    stable = all(not isinstance(x.lr, torch.Tensor) for x in hypers) or (
+        lr_on_device and all(t is x.lr for t, x in zip(keep, hypers)))
+    launch.last = (list(hypers), args) if stable and h.grad_scale is None and h.found_inf is None else (None, None)
+    return args
 
 
 def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launch:
@@ -200,7 +281,7 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
         return tmp
 
     n = len(group)
-    host_steps, rows = [], []
+    host_steps, rows, grad_copy = [], [], {}
     for i in range(n):
         p = group.params[i]
         if torch_tensors:
@@ -208,7 +289,10 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
             written.append(p)
         else:
             strides = None
+        k = len(copy_in)
         row = [slot(p, p.shape, strides, True), slot(group.grads[i], p.shape, strides, False)]
+        if len(copy_in) > k + (row[0] is not p):
+            grad_copy[i] = len(copy_in) - 1
         for states in (group.square_avgs, group.momentum_buffers, group.grad_avgs):
             if states is None:
                 row.append(None)
@@ -223,10 +307,32 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
                 step_ptr = s.data_ptr()
             else:
                 host_steps.append(s)
-        rows.append((*(arr.ptr(x) if x is not None else 0 for x in row), step_ptr, arr.numel(p)))
+        rows.append((*(arr.ptr(x) if x is not None else 0 for x in row), step_ptr, arr.numel(p),
+                     group.slots[i] if group.slots is not None else 0))
     rows = tuple(rows)
     if previous is not None and previous.rows == rows:  # e.g. grads re-allocated at the same addresses
-        tensors, blocks, n_blocks = previous.tensors, previous.blocks, previous.n_blocks
+        tensors, blocks, n_blocks, hyper, host = (previous.tensors, previous.blocks, previous.n_blocks,
+                                                  previous.hyper, previous.host_tensors)
     else:
-        tensors, blocks, n_blocks = cache.get(group, list(rows))
-    return Launch(tensors, blocks, n_blocks, copy_in, copy_out, host_steps, written, rows)
+        tensors, blocks, n_blocks, hyper, host = cache.get(group, list(rows))
+    return Launch(tensors, blocks, n_blocks, copy_in, copy_out, host_steps, written, rows, hyper, host, grad_copy,
+                  [r[1] for r in rows])
+
+
+def regrad_launch(launch: Launch, group: Group, cache: TableCache) -> Launch:
+    """group.grads re-allocated with the same shapes, dtypes and strides: re-point the grad column of the table
+    (one upload when the addresses moved; none when a caching allocator handed the same blocks back) and the
+    copies of grads that go through a temporary."""
+    if launch.grad_copy:
+        for i, k in launch.grad_copy.items():
+            launch.copy_in[k] = (launch.copy_in[k][0], group.grads[i])
+        ptrs = [p if i in launch.grad_copy else g.data_ptr()
+                for i, (p, g) in enumerate(zip(launch.grad_ptrs, group.grads))]
+    else:
+        ptrs = list(map(torch.Tensor.data_ptr if isinstance(group.grads[0], torch.Tensor) else arr.ptr, group.grads))
+    if ptrs != launch.grad_ptrs:
+        host = launch.host_tensors.copy()
+        host[: len(ptrs), 1] = np.asarray(ptrs, dtype=np.uint64).view(np.int64)
+        launch.tensors = cache.upload_tensors(host, group)
+        launch.host_tensors, launch.grad_ptrs, launch.rows = host, ptrs, None
+    return launch

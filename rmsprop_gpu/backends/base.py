@@ -13,6 +13,11 @@ class BackendUnavailableError(RuntimeError):
 
 class Backend:
     name: str = "?"
+    # Host-overhead seam (rmsprop_gpu.backends.launches_stubbed): a kernel backend does everything but the
+    # launch itself, and accepts CPU tensors, so perf/host_overhead.py times only our Python.
+    launch_stubbed: bool = False
+    # True: one launch takes tensors of several param groups, each with its own hyperparameters (a slot)
+    shares_launches: bool = False
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when this backend can run on `device`, else why not (what is missing)."""
@@ -28,12 +33,17 @@ class Backend:
         alive (a step plan), so nothing is cached here."""
         return group
 
-    def run(self, prepared, group: Group, hyper: Hyper) -> None:
-        """Update params and state of the group in place (and advance its step counters)."""
+    def regrad(self, prepared, group: Group):
+        """The prepared launch for group.grads re-allocated with the same shapes, dtypes and strides."""
+        return self.prepare(group, None, owned=True, previous=prepared)
+
+    def run(self, prepared, group: Group, hypers: list[Hyper]) -> None:
+        """Update params and state of the group in place (and advance its step counters); hypers[k] applies to
+        the tensors in slot k (group.slots)."""
         raise NotImplementedError
 
     def step(self, group: Group, hyper: Hyper) -> None:
-        self.run(self.prepare(group, hyper), group, hyper)
+        self.run(self.prepare(group, hyper), group, [hyper])
 
     def describe(self) -> dict:
         """Extra facts for available_backends() (versions, compile time...)."""

@@ -18,7 +18,15 @@ import torch
 
 from .. import _arrays as arr
 from .._contract import Group, Hyper
-from ._tables import BLOCK, TableCache, kernel_unsupported_reason, prepare_launch, scalar_args, upload_torch
+from ._tables import (
+    BLOCK,
+    TableCache,
+    kernel_unsupported_reason,
+    launch_args,
+    prepare_launch,
+    regrad_launch,
+    upload_torch,
+)
 from .base import Backend
 
 THREADS = 256  # BLOCK / THREADS = 8 elements per thread
@@ -77,17 +85,21 @@ def _cupy_module(device: torch.device):
         return mod
 
 
-def _upload(a: np.ndarray, group: Group):
+def _upload(a: np.ndarray, group: Group, out=None):
     if arr.is_cupy(group.params[0]):
         import cupy
 
         with cupy.cuda.Device(group.device.index or 0):
-            return cupy.asarray(a)
-    return upload_torch(a, group)
+            if out is None:
+                return cupy.asarray(a)
+            out.set(a)  # on CuPy's current stream, where the launch goes
+            return out
+    return upload_torch(a, group, out)
 
 
 class CupyBackend(Backend):
     name = "cupy"
+    shares_launches = True
 
     def __init__(self):
         self.tables = TableCache(_upload)
@@ -105,6 +117,8 @@ class CupyBackend(Backend):
         self.tables.clear()
 
     def unavailable_reason(self, device):
+        if self.launch_stubbed and device.type in ("cpu", "cuda"):
+            return None
         if device.type not in self._factory_devices:
             return f"CuPy kernels need a CUDA device, got {device.type}"
         if self._factory is not _cupy_module:
@@ -165,14 +179,22 @@ class CupyBackend(Backend):
     def prepare(self, group: Group, hyper: Hyper, owned: bool = False, previous=None):
         return prepare_launch(group, self.tables.owned() if owned else self.tables, previous)
 
-    def run(self, launch, group: Group, hyper: Hyper) -> None:
+    def regrad(self, launch, group: Group):
+        return regrad_launch(launch, group, self.tables)
+
+    def run(self, launch, group: Group, hypers: list[Hyper]) -> None:
         name = kernel_name(group.param_dtype, group.state_dtype,
                            group.momentum_buffers is not None, group.grad_avgs is not None)
+        flags, grad_scale, found_inf = launch_args(launch, group, hypers)
+        args = (_ptr(launch.tensors), _ptr(launch.blocks), _ptr(launch.hyper.buffer), _ptr(grad_scale),
+                _ptr(found_inf), np.int32(flags))
         launch.before()
-        with self._device(group):  # CuPy loads modules and launches on its current device: make it the group's
-            self._launch(group, hyper, launch, name)
+        if not self.launch_stubbed:
+            with self._device(group):  # CuPy loads modules and launches on its current device: the group's
+                fn = self.module(group.device).get_function(name)
+                fn((launch.n_blocks,), (THREADS,), args, stream=self._stream(group))
         self.launches += 1
-        launch.after(hyper.found_inf)
+        launch.after(hypers[0].found_inf)
 
     @staticmethod
     def _device(group: Group):
@@ -182,19 +204,6 @@ class CupyBackend(Backend):
 
         return cupy.cuda.Device(group.device.index or 0)
 
-    def _launch(self, group: Group, hyper: Hyper, launch, name: str) -> None:
-        fn = self.module(group.device).get_function(name)
-        flags, lr, lr_tensor, grad_scale, found_inf = scalar_args(group, hyper)
 
-        def ptr(x):
-            return np.uint64(arr.ptr(x) if x is not None else 0)
-
-        args = (
-            ptr(launch.tensors), ptr(launch.blocks),
-            np.float32(lr), ptr(lr_tensor),
-            np.float32(hyper.alpha), np.float32(1.0 - hyper.alpha), np.float32(hyper.eps),
-            np.float32(hyper.weight_decay),
-            np.float32(hyper.momentum), ptr(grad_scale), ptr(found_inf),
-            np.int32(flags),
-        )
-        fn((launch.n_blocks,), (THREADS,), args, stream=self._stream(group))
+def _ptr(x) -> np.uint64:
+    return np.uint64(arr.ptr(x) if x is not None else 0)

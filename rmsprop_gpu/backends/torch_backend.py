@@ -15,7 +15,10 @@ _TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32,
 
 
 def _compute_copies(ts: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    return [t if t.dtype == dtype else t.to(dtype) for t in ts]
+    """ts itself when it already has the compute dtype (a group's lists are homogeneous), else float copies."""
+    if not ts or ts[0].dtype == dtype:
+        return ts
+    return [t.to(dtype) for t in ts]
 
 
 class TorchBackend(Backend):
@@ -29,7 +32,11 @@ class TorchBackend(Backend):
             return "the torch backend takes torch tensors, not CuPy arrays"
         return None
 
-    def run(self, prepared, group: Group, hyper: Hyper) -> None:
+    def run(self, prepared, group: Group, hypers: list[Hyper]) -> None:
+        for g, h in group.by_slot(hypers):
+            self._run(g, h)
+
+    def _run(self, group: Group, hyper: Hyper) -> None:
         found_inf = hyper.found_inf
         if found_inf is not None and bool(found_inf.item() != 0):  # reference path: a host read is fine here
             return
@@ -54,11 +61,17 @@ class TorchBackend(Backend):
         if A is not None:
             torch._foreach_lerp_(A, G, 1 - alpha)
             var = torch._foreach_addcmul(V, A, A, value=-1)
-        if hyper.eps_in_sqrt:  # out of place first: V itself is state and must not change
+        if A is not None:  # var is already a temporary: sqrt in place
+            denom = var
+            if hyper.eps_in_sqrt:
+                torch._foreach_add_(denom, hyper.eps)
+            torch._foreach_sqrt_(denom)
+        elif hyper.eps_in_sqrt:  # out of place first: V itself is state and must not change
             denom = torch._foreach_add(var, hyper.eps)
             torch._foreach_sqrt_(denom)
         else:
             denom = torch._foreach_sqrt(var)
+        if not hyper.eps_in_sqrt:
             torch._foreach_add_(denom, hyper.eps)
 
         lr = hyper.lr
@@ -67,17 +80,16 @@ class TorchBackend(Backend):
         if B is not None:
             torch._foreach_mul_(B, hyper.momentum)
             torch._foreach_addcdiv_(B, G, denom)
-            upd = B
+            if isinstance(lr, torch.Tensor):
+                torch._foreach_sub_(P, torch._foreach_mul(B, lr))
+            else:
+                torch._foreach_add_(P, B, alpha=-lr)
+        elif isinstance(lr, torch.Tensor):
+            torch._foreach_sub_(P, torch._foreach_mul(torch._foreach_div(G, denom), lr))
         else:
-            upd = torch._foreach_div(G, denom)
-        if isinstance(lr, torch.Tensor):
-            torch._foreach_sub_(P, torch._foreach_mul(upd, lr))
-        else:
-            torch._foreach_add_(P, upd, alpha=-lr)
+            torch._foreach_addcdiv_(P, G, denom, value=-lr)  # p - lr * (g / d), as torch: no update temporary
 
         for dst, src in ((params, P), (vs, V), (group.momentum_buffers, B), (group.grad_avgs, A)):
-            if src is not None:
-                for d, s in zip(dst, src):
-                    if d is not s:
-                        d.copy_(s)
+            if src is not None and src is not dst:  # 16-bit storage: round the float32 results once
+                torch._foreach_copy_(dst, src)
         advance_steps(group.steps, None)

@@ -16,9 +16,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ARGTYPES = [ctypes.c_uint, ctypes.c_uint,  # grid, block
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,  # tensors, blocks, lr, lr_ptr
-            ctypes.c_float, ctypes.c_float, ctypes.c_float,  # alpha, one_minus_alpha, eps
-            ctypes.c_float, ctypes.c_float,  # weight_decay, momentum
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # tensors, blocks, hyper
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # grad_scale_ptr, found_inf_ptr, flags
 
 
