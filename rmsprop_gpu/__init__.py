@@ -4,9 +4,9 @@ Importing this package touches no device and imports neither triton nor cupy.
 """
 
 from .backends import ENV_VAR, BackendUnavailableError, available_backends
-from .functional import rmsprop, which_backend
+from .functional import RMSpropPlan, rmsprop, which_backend
 from .optimizer import RMSprop
 
 __version__ = "0.1.0"
-__all__ = ["RMSprop", "rmsprop", "which_backend", "available_backends", "BackendUnavailableError", "ENV_VAR",
-           "__version__"]
+__all__ = ["RMSprop", "RMSpropPlan", "rmsprop", "which_backend", "available_backends", "BackendUnavailableError",
+           "ENV_VAR", "__version__"]

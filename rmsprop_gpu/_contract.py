@@ -51,6 +51,7 @@ class Group:
     grad_avgs: list | None = None
     steps: list | None = None  # step counters (float32 scalars) or None when the caller keeps none
     slots: list | None = None  # per tensor: which Hyper of the launch applies (None: all use the first)
+    index: list = field(default_factory=list)  # per tensor: its position in the caller's lists
 
     def __len__(self) -> int:
         return len(self.params)
@@ -59,7 +60,8 @@ class Group:
         """The group of these tensors (in this order), in slot 0."""
         pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
         return Group(self.device, self.param_dtype, self.state_dtype, pick(self.params), pick(self.grads),
-                     pick(self.square_avgs), pick(self.momentum_buffers), pick(self.grad_avgs), pick(self.steps))
+                     pick(self.square_avgs), pick(self.momentum_buffers), pick(self.grad_avgs), pick(self.steps),
+                     index=pick(self.index))
 
     def split(self) -> list[Group]:
         """One group per tensor (for foreach=False: one launch per tensor, the classic layout)."""
@@ -79,7 +81,7 @@ class Group:
             x for g in parts for x in getattr(g, name)]
         return Group(first.device, first.param_dtype, first.state_dtype, cat("params"), cat("grads"),
                      cat("square_avgs"), cat("momentum_buffers"), cat("grad_avgs"), cat("steps"),
-                     [k for k, g in enumerate(parts) for _ in range(len(g))])
+                     [k for k, g in enumerate(parts) for _ in range(len(g))], cat("index"))
 
 
 def _check_nonneg(name: str, value) -> None:
@@ -224,6 +226,7 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
                 steps=[] if steps else None,
             )
         grp.params.append(p)
+        grp.index.append(i)
         grp.grads.append(g)
         grp.square_avgs.append(v)
         if use_mom:

@@ -1,16 +1,20 @@
 """Functional RMSprop over lists of tensors (torch) or arrays (CuPy), same options as the optimizer.
 
-Each call checks everything (there is no plan to reuse between calls: the lists are new objects each time in
-most callers); the tables are cached per backend, keyed by every address they hold. For the cached per-step
-fast path use the optimizer, rmsprop_gpu.RMSprop, whose step plan is checked once and reused.
+rmsprop() checks everything on each call (its tables are cached per backend, keyed by every address they
+hold). For the optimizer's speed with the functional interface, RMSpropPlan checks once and is called every
+step: it re-checks only what can change between calls (addresses, re-allocated grads), like the optimizer's
+step plan.
 """
 
 from __future__ import annotations
 
+from itertools import chain
+
 import torch
 
+from . import _arrays as arr
 from . import backends
-from ._contract import validate_hyperparameters
+from ._contract import check_float32_range, validate_hyperparameters
 from .plan import check_groups, make_hyper, prepare
 
 
@@ -52,6 +56,88 @@ def rmsprop(
                            foreach=foreach, backend=backend)
     for entry in prepare(checked, owned=False):  # every check and table first, then the writes
         entry.run({0: hyper})
+
+
+class RMSpropPlan:
+    """rmsprop() for fixed lists, checked once: plan(lr=..., ...) is one step, at the optimizer's host cost.
+
+        plan = rmsprop_gpu.RMSpropPlan(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
+                                       momentum=0.9, centered=True)
+        for batch in data:
+            ...                                   # backward writes the grads
+            plan(lr=schedule(i), grads=new_grads)  # grads: only when they are new tensors (else omit)
+
+    The lists, and the structural options (momentum > 0, centered, eps_in_sqrt, capturable, foreach,
+    backend), are fixed at construction; values (lr, alpha, eps, weight_decay, momentum, maximize) and
+    grad_scale / found_inf are given per call. Each call confirms every address the plan holds (a tensor's
+    storage swapped through .data is seen) and re-plans with the full checks when one moved; new grads of
+    the same shapes, dtypes and strides only re-point the tables. Works with CuPy arrays too.
+    """
+
+    def __init__(self, params, grads, square_avgs, grad_avgs=None, momentum_buffer_list=None, state_steps=None,
+                 *, momentum=0.0, centered=False, eps_in_sqrt=False, capturable=False, foreach=None, backend=None):
+        backends.requested_name(backend)
+        self._grads = list(grads)
+        self._fixed = [list(params), list(square_avgs), list(grad_avgs or []), list(momentum_buffer_list or []),
+                       list(state_steps or [])]
+        self._structure = dict(momentum=float(momentum), centered=bool(centered), eps_in_sqrt=bool(eps_in_sqrt),
+                               capturable=bool(capturable))
+        self._foreach, self._backend = foreach, backend
+        self._entries = None
+        # complex params and DTensors run as per-call views: planned on every call
+        self._cacheable = not any(isinstance(p, torch.Tensor) and (p.is_complex() or type(p).__name__ == "DTensor")
+                                  for p in self._fixed[0])
+
+    def _addresses(self) -> tuple[list[int], list[int]]:
+        return list(map(arr.ptr, chain.from_iterable(self._fixed))), list(map(arr.ptr, self._grads))
+
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def __call__(self, *, grads=None, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=None,
+                 maximize=False, grad_scale=None, found_inf=None) -> None:
+        """One step with these values; grads: the new grad tensors, when they were re-allocated."""
+        st = self._structure
+        momentum = st["momentum"] if momentum is None else momentum
+        if (momentum > 0) != (st["momentum"] > 0):
+            raise ValueError("momentum > 0 is structural in a plan (the buffers are fixed): make a new RMSpropPlan")
+        validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, read_tensor_lr=not st["capturable"])
+        hyper = make_hyper(lr, alpha, eps, weight_decay, momentum, st["centered"], maximize, st["eps_in_sqrt"],
+                           st["capturable"], grad_scale, found_inf)
+        if grads is not None:
+            grads = list(grads)
+            if len(grads) != len(self._grads):
+                raise ValueError(f"grads has {len(grads)} entries, the plan {len(self._grads)}")
+            same_kind = all(map(_same_kind, grads, self._grads))
+            self._grads = grads
+            if self._entries is not None and same_kind:  # re-point the tables at the new grads
+                for e in self._entries:
+                    e.group.grads = [grads[i] for i in e.group.index]
+                    e.prepared = e.backend.regrad(e.prepared, e.group)
+                self._ptrs = (self._ptrs[0], self._addresses()[1])
+            else:
+                self._entries = None
+        if self._entries is None or not self._cacheable or self._addresses() != self._ptrs:
+            checked = check_groups(self._fixed[0], self._grads, *self._fixed[1:4], self._fixed[4] or None, hyper,
+                                   foreach=self._foreach, backend=self._backend)
+            self._entries = prepare(checked, owned=True)
+            self._ptrs = self._addresses()
+        elif any(e.group.param_dtype != "float64" for e in self._entries):
+            check_float32_range(hyper)
+        for e in self._entries:
+            e.run({0: hyper})
+
+
+def _same_kind(new, old) -> bool:
+    """A replacement grad the plan can take without the full checks."""
+    if new is old:
+        return True
+    if isinstance(new, torch.Tensor) != isinstance(old, torch.Tensor):
+        return False
+    if isinstance(new, torch.Tensor):
+        return (new.layout == torch.strided and new.dtype == old.dtype and new.shape == old.shape
+                and new.device == old.device and new.stride() == old.stride())
+    return new.dtype == old.dtype and new.shape == old.shape and new.strides == old.strides and (
+        new.device == old.device)
 
 
 def which_backend(params, *, backend=None, **options) -> list[str]:

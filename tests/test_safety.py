@@ -531,3 +531,82 @@ def test_a_cached_plan_is_never_stale(backend, name, mutate):
         assert cached.state.get(a, {}).keys() == fresh.state.get(b, {}).keys()
         for k, v in cached.state.get(a, {}).items():
             assert torch.equal(v, fresh.state[b][k]), (name, k)
+
+
+# ---------------------------------------------------------------- the functional plan
+@pytest.mark.parametrize("backend", ALL)
+def test_functional_plan_equals_rmsprop_and_follows_changes(backend):
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(33,), (6, 4), (2049,), (1,)]
+
+    def state():
+        g = torch.Generator().manual_seed(12)
+        ps = [torch.randn(s, generator=g) for s in shapes]
+        return ps, [torch.rand(s, generator=g) for s in shapes], [torch.randn(s, generator=g) for s in shapes], [
+            torch.zeros(()) for _ in shapes]
+
+    a, b = state(), state()
+    plan = rmsprop_gpu.RMSpropPlan(a[0], [torch.zeros(s) for s in shapes], a[1], None, a[2], a[3], momentum=0.9,
+                                   backend=backend)
+    for step in range(6):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        if step == 3:  # a grad of another layout: planned again with every check
+            grads[1] = torch.randn(4, 6, generator=gen).t()
+        if step == 4:  # a param's storage swapped: seen through its address
+            fresh = torch.randn(33, generator=gen)
+            a[0][0].data, b[0][0].data = fresh.clone(), fresh.clone()
+        lr = 0.01 * 0.9**step
+        plan(grads=grads, lr=lr, momentum=0.9, weight_decay=0.01)
+        rmsprop_gpu.rmsprop(b[0], [g.clone() for g in grads], b[1], None, b[2], b[3], lr=lr, momentum=0.9,
+                            weight_decay=0.01, backend=backend)
+    for x, y in zip(a[0] + a[1] + a[2] + a[3], b[0] + b[1] + b[2] + b[3]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_functional_plan_reuses_its_tables(backend):
+    shapes = [(100,), (7, 3)]
+    ps, vs = [torch.randn(s) for s in shapes], [torch.rand(s) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    plan = rmsprop_gpu.RMSpropPlan(ps, grads, vs, backend=backend)
+    tables = REGISTRY[backend].tables
+    plan(lr=0.01)
+    builds = tables.builds
+    for _ in range(3):
+        plan(grads=[g.detach() for g in grads], lr=0.01)  # new grad objects on the same storage
+    assert tables.builds == builds
+    plan(grads=[g.clone() for g in grads], lr=0.01)  # new storage: the grad column re-pointed, one upload
+    assert tables.builds == builds + 1
+    with pytest.raises(ValueError, match="structural"):
+        plan(lr=0.01, momentum=0.9)
+
+
+@pytest.mark.parametrize("variant", [dict(weight_decay=0.01), dict(momentum=0.9, centered=True)], ids=str)
+def test_cpu_cache_batches_match_torch_bit_for_bit(monkeypatch, variant):
+    """The torch path's cache-sized batches (here 1000 elements) split tensors into flat views: same ops, so
+    the same bits as torch.optim.RMSprop(foreach=True); non-contiguous tensors go whole."""
+    from rmsprop_gpu.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "CPU_BATCH", 1000)
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(2500,), (3, 700), (999,), (1,), (0,), (1001,)]
+
+    def make():
+        g = torch.Generator().manual_seed(22)
+        ps = [torch.randn(s, generator=g) for s in shapes] + [torch.randn(40, 30, generator=g).t()]
+        return ps
+
+    a, b = make(), make()
+    ours = rmsprop_gpu.RMSprop(a, lr=0.01, backend="torch", **variant)
+    ref = torch.optim.RMSprop(b, lr=0.01, foreach=True, **variant)
+    for _ in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    assert len(ours._plan.entries[0].prepared) > 3  # really batched
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for k, v in ours.state[p].items():
+            assert torch.equal(v, ref.state[q][k]), k
