@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-test.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test demo bench report lint clean gpu-check gpu-check-cpu
+.PHONY: test demo bench host-overhead report lint clean gpu-check gpu-check-cpu
 
 $(STAMP): requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,7 @@ test: $(STAMP)  ## the whole suite on the CPU: kernels through the Triton interp
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -W ignore::RuntimeWarning
 	$(BIN)/python perf/bench.py --smoke > /dev/null
+	$(BIN)/python perf/host_overhead.py --smoke --out "$$(mktemp -d)/host_overhead" > /dev/null
 	$(BIN)/python perf/gpu_check.py --dry-run
 
 demo: $(STAMP)  ## the main job on the best device: train, self-check every backend, quick benchmark + plot
@@ -25,6 +26,9 @@ demo: $(STAMP)  ## the main job on the best device: train, self-check every back
 
 bench: $(STAMP)  ## the full benchmark suite (GPU: every workload; CPU: small sizes, labelled CPU)
 	$(BIN)/python perf/bench.py
+
+host-overhead: $(STAMP)  ## host time per step with the launch stubbed (perf/results/host_overhead_cpu.*)
+	$(BIN)/python perf/host_overhead.py
 
 report: $(STAMP)  ## static kernel report (no GPU needed)
 	env -u TRITON_INTERPRET $(BIN)/python -m rmsprop_gpu.kernel_report \

@@ -9,7 +9,7 @@ check the plan, the tables and every launch argument, count the launch, and skip
 CuPy's) and the table uploads (pinned, non_blocking), which the CPU path does as plain copies.
 
 Per case and backend: the first step (plan built: every check, state, tables), then the median host time of
-a step (the least of 3 blocks' medians: a shared machine's noise only ever adds) for
+a step (the least of 5 blocks' medians: a shared machine's noise only ever adds) for
 - "warm": grads kept (zero_grad(set_to_none=False));
 - "regrad, same addresses": new grad tensors on the old storage each step (set_to_none=True + backward with a
   caching allocator that hands the same blocks back, the usual case on a GPU);
@@ -44,6 +44,7 @@ import rmsprop_gpu  # noqa: E402
 from rmsprop_gpu.backends import BACKENDS, launches_stubbed  # noqa: E402
 
 BACKEND_NAMES = ("triton", "cupy")
+BLOCKS = 5
 
 
 def cases(smoke: bool) -> dict[str, dict]:
@@ -52,6 +53,7 @@ def cases(smoke: bool) -> dict[str, dict]:
                 "40 groups x 2 tensors": dict(shapes=[(33,)] * 80, groups=40)}
     return {
         "resnet50": dict(shapes=MODELS["resnet50"]()),
+        "resnet50 centered+momentum": dict(shapes=MODELS["resnet50"](), opts=dict(momentum=0.9, centered=True)),
         "resnet50 centered+momentum, ExponentialLR": dict(shapes=MODELS["resnet50"](),
                                                           opts=dict(momentum=0.9, centered=True), scheduler=True),
         "2000 x 256": dict(shapes=[(256,)] * 2000),
@@ -88,15 +90,15 @@ def measure(case: dict, backend_name: str, steps: int) -> dict:
     row = {"backend": backend_name, "tensors": len(shapes), "first_step_ms": first * 1e3}
 
     def warm(before=None):
-        """Median host time of a step (min over 3 blocks of steps: the machine's noise only adds), and the
-        counters per step."""
+        """Median host time of a step (the least of BLOCKS blocks' medians: the machine's noise only adds), and
+        the counters per step."""
         for _ in range(3):  # warm-up
             if before is not None:
                 before()
             opt.step()
         c0 = counters(b)
         medians = []
-        for _ in range(3):
+        for _ in range(BLOCKS):
             times = []
             for _ in range(steps):
                 if before is not None:
@@ -108,7 +110,7 @@ def measure(case: dict, backend_name: str, steps: int) -> dict:
                     sched.step()
             medians.append(statistics.median(times))
         c1 = counters(b)
-        per = [(y - x) / (3 * steps) for x, y in zip(c0, c1)]
+        per = [(y - x) / (BLOCKS * steps) for x, y in zip(c0, c1)]
         return min(medians) * 1e6, per
 
     row["warm_us"], (row["launches_per_step"], row["table_builds_per_step"], row["hyper_uploads_per_step"]) = warm()
@@ -131,7 +133,6 @@ def measure(case: dict, backend_name: str, steps: int) -> dict:
     row["warm_us_per_tensor"] = row["warm_us"] / len(shapes)
     row["target_us"] = 30 + 0.5 * len(shapes)
     row["meets_target"] = row["warm_us"] <= row["target_us"]
-    gc.collect()
     return row
 
 
@@ -144,7 +145,7 @@ def torch_host_us(case: dict, steps: int) -> float:
     opt = torch.optim.RMSprop(groups, lr=1e-3, foreach=True, **case.get("opts", {}))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.999) if case.get("scheduler") else None
     medians = []
-    for _ in range(3):
+    for _ in range(BLOCKS):
         times = []
         for i in range(steps + 3):
             t = time.perf_counter()
@@ -208,6 +209,8 @@ def main(argv=None) -> int:
     stem = Path(args.out) if args.out else root / ("host_overhead_cpu_smoke" if args.smoke else "host_overhead_cpu")
     rows = []
     all_cases = cases(args.smoke)
+    gc.collect()
+    gc.disable()  # as timeit does: a collection inside a timed step is noise, not our host cost
     with launches_stubbed():
         for i, (name, case) in enumerate(all_cases.items()):
             torch_us = torch_host_us(case, steps)
@@ -218,6 +221,8 @@ def main(argv=None) -> int:
                       f"(target {row['target_us']:.0f}), regrad {row['regrad_same_address_us']:8.1f} / "
                       f"{row['regrad_new_address_us']:8.1f} us, {row['launches_per_step']:.0f} launch(es), "
                       f"torch foreach {torch_us:8.1f} us", flush=True)
+                gc.collect()
+    gc.enable()
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
             "processor": platform.processor(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "steps": steps, "launch": "stubbed (rmsprop_gpu.backends.launches_stubbed)"}
