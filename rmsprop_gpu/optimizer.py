@@ -97,10 +97,46 @@ class RMSprop(Optimizer):
         out["idle"] = idle
         return out
 
-    @torch._disable_dynamo  # clean graph break (lazy: imports dynamo at the first call, not at import)
     @torch.no_grad()
     def step(self, closure=None):
-        """One fused RMSprop step for every param group; returns closure's loss when given."""
+        """One fused RMSprop step for every param group; returns closure's loss when given. Under torch.compile
+        the step is traced (no graph break) into one rmsprop_gpu::rmsprop_ custom op per param group."""
+        if torch.compiler.is_compiling():
+            return self._traced_step(closure)
+        return self._eager_step(closure)
+
+    def _traced_step(self, closure=None):
+        """What torch.compile traces: state created as in eager, then the custom op (rmsprop_gpu.ops) per param
+        group. Every check runs inside the op at run time, per group (a failing group leaves earlier groups
+        stepped: atomicity across groups is the eager path's)."""
+        from . import ops  # noqa: F401  (registers torch.ops.rmsprop_gpu)
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            pending: dict = {}
+            t = self._gather(group, pending)
+            for p, state in pending.items():
+                self.state[p] = state
+            if not t["params"]:
+                continue
+            if group["differentiable"]:
+                raise RuntimeError("differentiable=True groups are not supported under torch.compile")
+            lr = group["lr"]
+            torch.ops.rmsprop_gpu.rmsprop_(
+                t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"], t["steps"],
+                0.0 if isinstance(lr, torch.Tensor) else float(lr), lr if isinstance(lr, torch.Tensor) else None,
+                float(group["alpha"]), float(group["eps"]), float(group["weight_decay"]), float(group["momentum"]),
+                bool(group["centered"]), bool(group["maximize"]), bool(group["eps_in_sqrt"]),
+                bool(group["capturable"]), group["backend"] or "", grad_scale, found_inf)
+        return loss
+
+    @torch._disable_dynamo  # eager only (step() never calls it while compiling); lazy: dynamo loads on first call
+    def _eager_step(self, closure=None):
         health_check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
             self, "_cuda_graph_capture_health_check", None)
         if health_check is not None:

@@ -114,7 +114,8 @@ def test_capturable_keeps_step_and_lr_on_the_device_like_torch():
 # ------------------------------------------------------------------ torch.compile
 @pytest.mark.parametrize("backend", ALL)
 def test_compiled_training_step_calls_our_optimizer(backend):
-    """The step is a clean graph break (torch._disable_dynamo): the compiled function runs the kernels eagerly."""
+    """Without fullgraph: torch's zero_grad and backward break the graph, our step is traced into its custom op
+    (tests/test_compile.py has the fullgraph cases)."""
     import torch._dynamo
 
     torch._dynamo.reset()

@@ -443,3 +443,40 @@ def test_capturing_a_cold_optimizer_says_warm_up(backend):
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="warm"), torch.cuda.graph(graph):
         opt.step()
+
+
+@cuda_only
+@pytest.mark.parametrize("backend", KERNELS)
+def test_compiled_training_step_reduce_overhead(backend):
+    """fullgraph=True and CUDA graphs (mode="reduce-overhead"): our custom op is captured inside the graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+    def mlp():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(DEVICE)
+
+    models = mlp(), mlp()
+    opts = [rmsprop_gpu.RMSprop(m.parameters(), lr=torch.tensor(1e-3, device=DEVICE), momentum=0.9,
+                                capturable=True, backend=backend) for m in models]
+    x, y = torch.randn(128, 32, device=DEVICE), torch.randn(128, 1, device=DEVICE)
+
+    def train(model, opt):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = torch.compile(train, fullgraph=True, mode="reduce-overhead")
+        for i in range(6):
+            compiled(models[0], opts[0])
+            train(models[1], opts[1])
+            for o in opts:
+                o.zero_grad(set_to_none=False)
+                o.param_groups[0]["lr"].fill_(1e-3 * 0.9 ** (i + 1))
+    torch.cuda.synchronize()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()

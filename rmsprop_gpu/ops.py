@@ -1,0 +1,64 @@
+"""The step as a torch custom op, so that torch.compile sees it (fullgraph=True, no graph break).
+
+torch.ops.rmsprop_gpu.rmsprop_ mutates params and state in place and returns nothing. It is opaque to the
+compiler on purpose, for every backend: the kernels write through the addresses in their tensor tables, which
+a compiler cannot see, so torch.library.triton_op (which lets Inductor analyse the kernel's tensor arguments)
+would not be sound here; the op's declared mutations (params, states, steps) are exactly what it writes.
+At run time it is rmsprop_gpu.rmsprop() on the real tensors, with the plans cached per set of tensors.
+
+Hyperparameters: lr as a tensor (lr_tensor) is read at run time, so a scheduler changing it never recompiles;
+Python floats (lr, alpha, eps, weight_decay, momentum) are constants of the compiled graph, as in torch's own
+compiled optimizers: changing one recompiles.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from .functional import RMSpropPlan
+
+_PLANS: OrderedDict[tuple, tuple[list, RMSpropPlan]] = OrderedDict()  # a few plans, keyed by tensor identity
+_MAX_PLANS = 8
+
+
+def _plan_for(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, momentum, centered,
+              eps_in_sqrt, capturable, backend) -> RMSpropPlan:
+    key = (tuple(map(id, params)), tuple(map(id, square_avgs)), tuple(map(id, state_steps)), momentum > 0,
+           centered, eps_in_sqrt, capturable, backend)
+    hit = _PLANS.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], params + square_avgs + state_steps)):
+        _PLANS.move_to_end(key)
+        return hit[1]
+    plan = RMSpropPlan(params, grads, square_avgs, grad_avgs or None, momentum_buffers or None,
+                       state_steps or None, momentum=momentum, centered=centered, eps_in_sqrt=eps_in_sqrt,
+                       capturable=capturable, backend=backend or None)
+    _PLANS[key] = (list(params + square_avgs + state_steps), plan)  # strong refs: ids stay unique while cached
+    if len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+@torch.library.custom_op("rmsprop_gpu::rmsprop_",
+                         mutates_args=("params", "square_avgs", "grad_avgs", "momentum_buffers", "state_steps"))
+def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
+             momentum_buffers: list[Tensor], state_steps: list[Tensor], lr: float, lr_tensor: Tensor | None,
+             alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool, maximize: bool,
+             eps_in_sqrt: bool, capturable: bool, backend: str, grad_scale: Tensor | None,
+             found_inf: Tensor | None) -> None:
+    """One fused RMSprop step over these lists (empty grad_avgs / momentum_buffers when not used)."""
+    if not params:
+        return
+    plan = _plan_for(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, momentum, centered,
+                     eps_in_sqrt, capturable, backend)
+    plan(grads=grads, lr=lr_tensor if lr_tensor is not None else lr, alpha=alpha, eps=eps,
+         weight_decay=weight_decay, momentum=momentum, maximize=maximize, grad_scale=grad_scale,
+         found_inf=found_inf)
+
+
+@rmsprop_.register_fake
+def _(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, lr_tensor, alpha, eps,
+      weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable, backend, grad_scale, found_inf):
+    return None  # in place only: no outputs, no metadata change
