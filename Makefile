@@ -19,6 +19,7 @@ test: $(STAMP)  ## the whole suite on the CPU: kernels through the Triton interp
 	$(BIN)/python -m pytest -q -W ignore::RuntimeWarning
 	$(BIN)/python perf/bench.py --smoke > /dev/null
 	$(BIN)/python perf/host_overhead.py --smoke --out "$$(mktemp -d)/host_overhead" > /dev/null
+	$(BIN)/python perf/training_stack.py --smoke --out "$$(mktemp -d)/training_stack" > /dev/null
 	$(BIN)/python perf/gpu_check.py --dry-run
 
 demo: $(STAMP)  ## the main job on the best device: train, self-check every backend, quick benchmark + plot

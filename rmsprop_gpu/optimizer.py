@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from operator import is_, itemgetter
 
 import torch
@@ -9,7 +10,9 @@ from torch.optim import Optimizer
 
 from . import backends
 from ._contract import STATE_KEYS, check_float32_range, validate_hyperparameters
-from .plan import StepPlan, check_groups, make_hyper, prepare
+from .functional import RMSpropPlan
+from .in_backward import InBackward
+from .plan import StepPlan, check_groups, make_hyper, prepare, structure
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # values a step reads besides lr (compared by identity: a tensor lr must not be compared by value on the host)
@@ -26,18 +29,25 @@ class RMSprop(Optimizer):
       state_dtype: torch.float32 keeps square_avg / momentum_buffer / grad_avg in float32 for fp16/bf16
                    params (default None: the param's dtype, as torch does).
       backend:     "auto" (default, or $RMSPROP_GPU_BACKEND), "triton", "cupy" or "torch".
+      in_backward: update during loss.backward() (rmsprop_gpu/in_backward.py): params are stepped in buckets of
+                   about bucket_mb as their grads arrive, and their grads released; step() then does nothing.
+                   accumulation_steps=k updates on every k-th backward.
     foreach=False keeps torch's meaning of a per-tensor loop: one launch per tensor instead of per group.
     Step counters of CUDA params live on the GPU (as with torch's fused optimizers) so the kernel advances
     them without a host sync; a state_dict still loads into torch.optim.RMSprop and back.
     """
 
     _plan = None  # the step plan (rmsprop_gpu.plan), rebuilt when something it depends on changes
+    _in_backward = None  # rmsprop_gpu.in_backward.InBackward when in_backward=True
     _step_supports_amp_scaling = True  # GradScaler hands grad_scale/found_inf to step(): unscale+skip in-kernel
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *,
-                 eps_in_sqrt=False, state_dtype=None, backend=None):
+                 eps_in_sqrt=False, state_dtype=None, backend=None, in_backward=False, bucket_mb=25,
+                 accumulation_steps=1):
         validate_hyperparameters(lr, alpha, eps, weight_decay, momentum)
+        if in_backward and differentiable:
+            raise ValueError("in_backward=True cannot be differentiable: the update runs inside backward")
         if differentiable and eps_in_sqrt:
             raise ValueError("differentiable=True runs torch's own step, which has no eps_in_sqrt")
         if state_dtype not in (None, torch.float32):
@@ -47,6 +57,7 @@ class RMSprop(Optimizer):
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, eps_in_sqrt=eps_in_sqrt, state_dtype=state_dtype,
                         backend=backend)
+        self._in_backward = InBackward(self, bucket_mb, accumulation_steps) if in_backward else None
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -63,13 +74,14 @@ class RMSprop(Optimizer):
         sd = group.get("state_dtype")
         return sd if (sd is not None and p.dtype in _SIXTEEN_BIT) else p.dtype
 
-    def _gather(self, group, pending: dict):
-        """Params with grads and their state; new state goes to `pending`, committed only once all checks pass."""
+    def _gather(self, group, pending: dict, params=None):
+        """Params with grads (of the group, or these of it) and their state; new state goes to `pending`,
+        committed only once all checks pass."""
         out = {k: [] for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")}
         needed = (["square_avg"] + ["momentum_buffer"] * bool(group["momentum"] > 0)
                   + ["grad_avg"] * bool(group["centered"]))
         idle = []
-        for p in group["params"]:
+        for p in group["params"] if params is None else params:
             if p.grad is None:
                 idle.append(p)
                 continue
@@ -137,6 +149,11 @@ class RMSprop(Optimizer):
 
     @torch._disable_dynamo  # eager only (step() never calls it while compiling); lazy: dynamo loads on first call
     def _eager_step(self, closure=None):
+        if self._in_backward is not None:
+            grad_scale = self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            self._in_backward.step_called(self, closure, grad_scale)
+            return None
         health_check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
             self, "_cuda_graph_capture_health_check", None)
         if health_check is not None:
@@ -221,6 +238,24 @@ class RMSprop(Optimizer):
     def add_param_group(self, param_group) -> None:
         super().add_param_group(param_group)
         self._plan = None
+        if self.__dict__.get("_in_backward") is not None:
+            self._in_backward.attach(self.param_groups[-1]["params"])
+
+    def _step_params(self, params: list, ib: InBackward) -> None:
+        """Step these params now (in_backward's bucket), each with its param group's options and values."""
+        ids = {id(p) for p in params}
+        for gi, group in enumerate(self.param_groups):
+            part = [p for p in group["params"] if id(p) in ids and p.grad is not None]
+            if not part:
+                continue
+            pending: dict = {}
+            t = self._gather(group, pending, part)
+            self.state.update(pending)
+            tensors = t["params"] + t["square_avgs"] + t["steps"]
+            key = (gi, tuple(map(id, t["params"])), structure(group))
+            plan = ib.plan(key, tensors, functools.partial(_bucket_plan, t, group))
+            plan(grads=t["grads"], lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                 weight_decay=group["weight_decay"], momentum=group["momentum"], maximize=group["maximize"])
 
     def load_state_dict(self, state_dict) -> None:
         """torch's load_state_dict after torch's pre-hooks, refusing state that does not fit the params before
@@ -273,6 +308,13 @@ class RMSprop(Optimizer):
                         live["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
                     elif step.dtype != torch.float32 or step.device != device:
                         live["step"] = step.to(device=device, dtype=torch.float32).reshape(())
+
+
+def _bucket_plan(t: dict, group: dict) -> RMSpropPlan:
+    return RMSpropPlan(t["params"], t["grads"], t["square_avgs"], t["grad_avgs"] or None,
+                       t["momentum_buffers"] or None, t["steps"], momentum=group["momentum"],
+                       centered=group["centered"], eps_in_sqrt=group["eps_in_sqrt"], capturable=group["capturable"],
+                       foreach=group["foreach"], backend=group["backend"])
 
 
 class _ReferenceEntry:

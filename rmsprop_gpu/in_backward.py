@@ -1,0 +1,131 @@
+"""The update inside backward: RMSprop(..., in_backward=True).
+
+Each parameter's post-accumulate-grad hook marks its grad ready; ready params are collected in buckets of
+about bucket_mb in the order their grads arrive, and a bucket is stepped (one fused launch per param group and
+layout in it) as soon as it is full, then its grads are released (set to None). What is left when the backward
+pass ends is stepped by a callback queued on the autograd engine. The grads of a whole model are never alive at
+once: peak memory drops by up to the size of all gradients.
+
+Not in distributed training yet (DDP, FSDP2): a grad is ready for the hook before it is all-reduced, so the
+constructor refuses when torch.distributed runs with more than one rank, or for DTensor params.
+
+With accumulation_steps=k the update runs on every k-th backward (grads accumulate in between, as usual).
+Each bucket runs through an rmsprop_gpu.RMSpropPlan cached per bucket (buckets repeat from step to step), so a
+bucket step costs what a step of the optimizer costs.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .functional import RMSpropPlan
+
+
+class InBackward:
+    def __init__(self, opt, bucket_mb: float, accumulation_steps: int):
+        if not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        if int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps}")
+        self._opt = weakref.ref(opt)  # the params' hooks must not keep the optimizer alive
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.accumulation_steps = int(accumulation_steps)
+        self.handles: list = []
+        self.pending: list = []
+        self.pending_bytes = 0
+        self.flush_queued = False
+        self.counts: dict[int, int] = {}  # id(param) -> backwards accumulated since its last update
+        self.backwards = 0  # backward passes since the last opt.step()
+        self.buckets = 0  # buckets stepped (tests and benchmarks read it)
+        self.plans: dict[tuple, tuple[list, RMSpropPlan]] = {}
+        self.warned = False
+
+    def attach(self, params) -> None:
+        params = list(params)
+        dist = torch.distributed
+        if any(type(p).__name__ == "DTensor" for p in params) or (
+                dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            raise NotImplementedError(
+                "in_backward=True does not compose with DDP or FSDP2 yet: a param's grad is ready for this hook "
+                "before the gradient all-reduce / reduce-scatter has run, so each rank would update with its "
+                "local grads. Use in_backward=False in distributed training.")
+        ref = self._opt
+
+        def hook(p):
+            opt = ref()
+            if opt is not None:
+                opt._in_backward._ready(p)
+
+        for p in params:
+            if p.requires_grad:
+                self.handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _ready(self, p: torch.Tensor) -> None:
+        if not self.flush_queued:  # the end of this backward pass flushes what is left
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self.flush_queued = True
+        n = self.counts.get(id(p), 0) + 1
+        if n < self.accumulation_steps:
+            self.counts[id(p)] = n
+            return
+        self.counts[id(p)] = 0
+        self.pending.append(p)
+        self.pending_bytes += p.numel() * p.element_size()
+        if self.pending_bytes >= self.bucket_bytes:
+            self.flush()
+
+    def _end_of_backward(self) -> None:
+        self.flush_queued = False
+        self.backwards += 1
+        self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        params, self.pending, self.pending_bytes = self.pending, [], 0
+        opt = self._opt()
+        if opt is None:
+            return
+        opt._step_params(params, self)
+        for p in params:
+            p.grad = None
+        self.buckets += 1
+
+    def plan(self, key: tuple, tensors: list, make) -> RMSpropPlan:
+        """The cached plan of one bucket part (tensors held: ids stay unique while cached)."""
+        hit = self.plans.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
+            return hit[1]
+        if len(self.plans) > 4096:  # buckets move when params gain or lose grads: do not grow without bound
+            self.plans.clear()
+        plan = make()
+        self.plans[key] = (tensors, plan)
+        return plan
+
+    def step_called(self, opt, closure, grad_scale) -> None:
+        """opt.step() with in_backward: nothing to do (say so once), or refuse what cannot have worked."""
+        backwards, self.backwards = self.backwards, 0
+        if closure is not None:
+            raise RuntimeError("in_backward=True updates during backward: step(closure) cannot re-evaluate the loss")
+        if grad_scale is not None:
+            raise RuntimeError("in_backward=True cannot work with GradScaler: the update ran during backward, "
+                               "before the grads could be unscaled and checked for inf/NaN (and it used scaled "
+                               "grads). Use bf16 autocast without a scaler, or in_backward=False.")
+        if self.accumulation_steps == 1 and backwards > 1:
+            raise RuntimeError(f"{backwards} backward passes since the last step(): with in_backward=True each "
+                               f"backward updates the params. For gradient accumulation pass "
+                               f"accumulation_steps={backwards} to the optimizer.")
+        if not self.warned:
+            import warnings
+
+            warnings.warn("rmsprop_gpu.RMSprop(in_backward=True): the update already ran during backward; "
+                          "step() does nothing (this is said once)", stacklevel=3)
+            self.warned = True
