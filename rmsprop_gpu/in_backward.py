@@ -6,8 +6,11 @@ layout in it) as soon as it is full, then its grads are released (set to None). 
 pass ends is stepped by a callback queued on the autograd engine. The grads of a whole model are never alive at
 once: peak memory drops by up to the size of all gradients.
 
-Not in distributed training yet (DDP, FSDP2): a grad is ready for the hook before it is all-reduced, so the
-constructor refuses when torch.distributed runs with more than one rank, or for DTensor params.
+With DDP a grad is ready for the param hook before it is all-reduced: opt.attach_ddp(ddp_model) replaces the
+param hooks by a DDP comm hook that all-reduces each DDP bucket and then steps its params with the reduced
+grads (DDP keeps its grad buckets, so there is no memory to save, but the update overlaps the backward). In a
+run with more than one rank, a backward without attach_ddp raises. FSDP2 (DTensor params) is refused: its
+reduce-scattered grads do not pass through a hook this module can use.
 
 With accumulation_steps=k the update runs on every k-th backward (grads accumulate in between, as usual).
 Each bucket runs through an rmsprop_gpu.RMSpropPlan cached per bucket (buckets repeat from step to step), so a
@@ -41,16 +44,16 @@ class InBackward:
         self.buckets = 0  # buckets stepped (tests and benchmarks read it)
         self.plans: dict[tuple, tuple[list, RMSpropPlan]] = {}
         self.warned = False
+        self.ddp = None  # the DDP model whose comm hook drives the updates (attach_ddp)
 
     def attach(self, params) -> None:
         params = list(params)
-        dist = torch.distributed
-        if any(type(p).__name__ == "DTensor" for p in params) or (
-                dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if any(type(p).__name__ == "DTensor" for p in params):
             raise NotImplementedError(
-                "in_backward=True does not compose with DDP or FSDP2 yet: a param's grad is ready for this hook "
-                "before the gradient all-reduce / reduce-scatter has run, so each rank would update with its "
-                "local grads. Use in_backward=False in distributed training.")
+                "in_backward=True does not compose with FSDP2 (DTensor params): the reduce-scattered grads are set "
+                "after the hooks this optimizer can use. Use in_backward=False with FSDP2.")
+        if self.ddp is not None:
+            return
         ref = self._opt
 
         def hook(p):
@@ -62,12 +65,38 @@ class InBackward:
             if p.requires_grad:
                 self.handles.append(p.register_post_accumulate_grad_hook(hook))
 
+    def attach_ddp(self, ddp_model) -> None:
+        """Let DDP's buckets drive the updates: all-reduce, then step the bucket's params with the reduced grads."""
+        if self.accumulation_steps != 1:
+            raise ValueError("with DDP, accumulate with ddp_model.no_sync() instead of accumulation_steps")
+        self.detach()
+        self.ddp = ddp_model
+        ddp_model.register_comm_hook(None, self._ddp_hook)
+
+    def _ddp_hook(self, state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def step_bucket(fut):
+            opt = self._opt()
+            if opt is not None:
+                with torch.no_grad():
+                    opt._step_params(bucket.parameters(), self, grads=bucket.gradients())
+                self.buckets += 1
+            return fut.value()
+
+        return allreduce_hook(None, bucket).then(step_bucket)
+
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
 
     def _ready(self, p: torch.Tensor) -> None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                "in_backward=True in a run with more than one rank: this grad is not all-reduced yet, so each rank "
+                "would update with its local grads. With DDP call opt.attach_ddp(ddp_model) before training.")
         if not self.flush_queued:  # the end of this backward pass flushes what is left
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self.flush_queued = True

@@ -74,18 +74,19 @@ class RMSprop(Optimizer):
         sd = group.get("state_dtype")
         return sd if (sd is not None and p.dtype in _SIXTEEN_BIT) else p.dtype
 
-    def _gather(self, group, pending: dict, params=None):
-        """Params with grads (of the group, or these of it) and their state; new state goes to `pending`,
-        committed only once all checks pass."""
+    def _gather(self, group, pending: dict, params=None, grads=None):
+        """Params with grads (of the group, or these of it; grads by id(param) when given, else p.grad) and their
+        state; new state goes to `pending`, committed only once all checks pass."""
         out = {k: [] for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")}
         needed = (["square_avg"] + ["momentum_buffer"] * bool(group["momentum"] > 0)
                   + ["grad_avg"] * bool(group["centered"]))
         idle = []
         for p in group["params"] if params is None else params:
-            if p.grad is None:
+            grad = p.grad if grads is None else grads[id(p)]
+            if grad is None:
                 idle.append(p)
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("RMSprop does not support sparse gradients")
             state = self.state.get(p, {})
             missing = [k for k in needed if k not in state]
@@ -99,7 +100,7 @@ class RMSprop(Optimizer):
                                                   memory_format=torch.preserve_format)
                 pending[p] = state
             out["params"].append(p)
-            out["grads"].append(p.grad)
+            out["grads"].append(grad)
             out["square_avgs"].append(state["square_avg"])
             out["steps"].append(state["step"])
             if group["momentum"] > 0:
@@ -241,15 +242,24 @@ class RMSprop(Optimizer):
         if self.__dict__.get("_in_backward") is not None:
             self._in_backward.attach(self.param_groups[-1]["params"])
 
-    def _step_params(self, params: list, ib: InBackward) -> None:
-        """Step these params now (in_backward's bucket), each with its param group's options and values."""
+    def attach_ddp(self, ddp_model) -> None:
+        """in_backward=True under DistributedDataParallel: DDP's comm hook all-reduces each bucket, then steps
+        its params with the reduced grads (rmsprop_gpu/in_backward.py)."""
+        if self._in_backward is None:
+            raise RuntimeError("attach_ddp is for in_backward=True (a normal step() already sees reduced grads)")
+        self._in_backward.attach_ddp(ddp_model)
+
+    def _step_params(self, params: list, ib: InBackward, grads=None) -> None:
+        """Step these params now (in_backward's bucket), each with its param group's options and values; grads:
+        the grads to use (DDP's reduced bucket views), else p.grad."""
         ids = {id(p) for p in params}
+        given = None if grads is None else {id(p): g for p, g in zip(params, grads)}
         for gi, group in enumerate(self.param_groups):
-            part = [p for p in group["params"] if id(p) in ids and p.grad is not None]
+            part = [p for p in group["params"] if id(p) in ids and (given is not None or p.grad is not None)]
             if not part:
                 continue
             pending: dict = {}
-            t = self._gather(group, pending, part)
+            t = self._gather(group, pending, part, given)
             self.state.update(pending)
             tensors = t["params"] + t["square_avgs"] + t["steps"]
             key = (gi, tuple(map(id, t["params"])), structure(group))

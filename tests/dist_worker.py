@@ -5,6 +5,7 @@ import datetime
 import faulthandler
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,10 @@ def worker(rank: int, world: int, mode: str, backend: str, port: str, out: str):
     if mode == "ddp":
         net = torch.nn.parallel.DistributedDataParallel(model)
         opt = rmsprop_gpu.RMSprop(net.parameters(), backend=backend, **OPT)
+    elif mode == "ddp_in_backward":  # DDP's comm hook all-reduces each bucket, then steps its params
+        net = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)  # several buckets
+        opt = rmsprop_gpu.RMSprop(net.parameters(), backend=backend, in_backward=True, **OPT)
+        opt.attach_ddp(net)
     elif mode == "zero":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -79,7 +84,11 @@ def worker(rank: int, world: int, mode: str, backend: str, port: str, out: str):
     for _ in range(STEPS):
         opt.zero_grad()
         torch.nn.functional.mse_loss(net(x), y).backward()
-        opt.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # in_backward: "step() does nothing"
+            opt.step()
+    if mode == "ddp_in_backward":
+        assert opt._in_backward.buckets >= STEPS, opt._in_backward.buckets  # the comm hook stepped
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in net.parameters()]
     if rank == 0:
         torch.save([p.detach().clone() for p in params], out)

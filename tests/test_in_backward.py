@@ -109,10 +109,15 @@ def test_state_dict_and_frozen_params():
     assert all(float(s["step"]) == 2 for s in opt.state.values())
 
 
-def test_distributed_training_is_refused(monkeypatch):
-    """A grad reaches the hook before DDP's all-reduce / FSDP2's reduce-scatter: refused, not silently wrong."""
+def test_distributed_training_without_ddp_hook_is_refused(monkeypatch):
+    """A grad reaches the param hook before DDP's all-reduce: without attach_ddp the backward raises (not silently
+    wrong); FSDP2's DTensor params are refused at construction (tests/dist_worker.py runs attach_ddp on 2 ranks)."""
+    model = mlp()
+    opt = rmsprop_gpu.RMSprop(model.parameters(), in_backward=True)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    with pytest.raises(NotImplementedError, match="DDP or FSDP2"):
-        rmsprop_gpu.RMSprop(mlp().parameters(), in_backward=True)
-    rmsprop_gpu.RMSprop(mlp().parameters())  # the normal step is fine
+    with pytest.raises(RuntimeError, match="attach_ddp"):
+        torch.nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 1)).backward()
+    assert opt.state == {} or all(float(s["step"]) == 0 for s in opt.state.values())
+    with pytest.raises(RuntimeError, match="in_backward=True"):
+        rmsprop_gpu.RMSprop(mlp().parameters()).attach_ddp(None)
