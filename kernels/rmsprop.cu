@@ -20,7 +20,8 @@ typedef unsigned short u16;
 #define RMSPROP_BLOCK 2048
 #define RMSPROP_THREADS 256
 
-enum : int { MAXIMIZE = 1, WEIGHT_DECAY = 2, EPS_IN_SQRT = 4, LR_ON_DEVICE = 8, GRAD_SCALE = 16, FOUND_INF = 32 };
+enum : int { MAXIMIZE = 1, WEIGHT_DECAY = 2, EPS_IN_SQRT = 4, LR_ON_DEVICE = 8, GRAD_SCALE = 16, FOUND_INF = 32,
+             LR_IN_MOMENTUM = 64, NESTEROV = 128, DECOUPLED_WD = 256 };
 
 struct f16 { u16 bits; };
 struct bf16 { u16 bits; };
@@ -135,7 +136,11 @@ template <bool MOMENTUM, bool CENTERED>
 __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, float& ga, const Hyper& h) {
   if (h.flags & GRAD_SCALE) g = __fdiv_rn(g, h.grad_scale);
   if (h.flags & MAXIMIZE) g = g * h.sign;  // per slot: -1 maximizes, +1 keeps g (exact either way)
-  if ((h.flags & WEIGHT_DECAY) && h.weight_decay != 0.0f) g = g + h.weight_decay * p;  // per slot
+  if ((h.flags & DECOUPLED_WD) && h.weight_decay != 0.0f) {
+    p = p - (p * h.weight_decay) * h.lr;  // Keras: decoupled, before the update (per slot)
+  } else if ((h.flags & WEIGHT_DECAY) && h.weight_decay != 0.0f) {
+    g = g + h.weight_decay * p;  // per slot
+  }
   v = h.alpha * v + (h.one_minus_alpha * g) * g;  // torch's addcmul order: g * g overflows above 1.8e19
   float var = v;
   if (CENTERED) {
@@ -143,7 +148,11 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
     var = v - ga * ga;
   }
   const float denom = (h.flags & EPS_IN_SQRT) ? __fsqrt_rn(var + h.eps) : __fsqrt_rn(var) + h.eps;
-  if (MOMENTUM) {
+  if (MOMENTUM && (h.flags & LR_IN_MOMENTUM)) {  // TF1 / Keras / optax: the buffer accumulates lr * g / d
+    const float step = h.lr * __fdiv_rn(g, denom);
+    buf = h.momentum * buf + step;
+    p = p - ((h.flags & NESTEROV) ? step + h.momentum * buf : buf);
+  } else if (MOMENTUM) {
     buf = h.momentum * buf + __fdiv_rn(g, denom);
     p = p - h.lr * buf;
   } else {

@@ -41,6 +41,7 @@ def _update_chunk(
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
+    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr,
     FULL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK)
@@ -57,7 +58,9 @@ def _update_chunk(
         g = tl.div_rn(g, grad_scale)  # exactly torch's unscale
     if MAXIMIZE:  # per slot: sign is -1 for maximize, +1 otherwise (exact either way)
         g = g * sign
-    if WEIGHT_DECAY:  # per slot: a slot without weight decay keeps g exactly (0 * inf would be NaN)
+    if DECOUPLED_WD:  # Keras: p - p * wd * lr before the update (per slot; wd == 0 keeps p exactly)
+        p = tl.where(weight_decay != 0.0, p - (p * weight_decay) * lr, p)
+    elif WEIGHT_DECAY:  # per slot: a slot without weight decay keeps g exactly (0 * inf would be NaN)
         g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)
     v = alpha * v + (one_minus_alpha * g) * g  # torch's addcmul order: g * g alone overflows above 1.8e19
     if CENTERED:
@@ -75,9 +78,17 @@ def _update_chunk(
     if MOMENTUM:
         bp = _ptr(b_addr, start, S_DTYPE, FULL_ALIGNED) + offs
         buf = tl.load(bp, mask=mask).to(tl.float32)
-        buf = momentum * buf + tl.div_rn(g, denom)
+        if LR_IN_MOMENTUM:  # TF1 / Keras / optax: the buffer accumulates lr * g / d
+            step = lr * tl.div_rn(g, denom)
+            buf = momentum * buf + step
+            if NESTEROV:  # optax: lr * g / d + momentum * buf
+                p = p - (step + momentum * buf)
+            else:
+                p = p - buf
+        else:
+            buf = momentum * buf + tl.div_rn(g, denom)
+            p = p - lr * buf
         tl.store(bp, _to_storage(buf, S_DTYPE), mask=mask)
-        p = p - lr * buf
     else:
         p = p - lr * tl.div_rn(g, denom)
     tl.store(vp, _to_storage(v, S_DTYPE), mask=mask)
@@ -90,6 +101,7 @@ def _rmsprop_kernel(
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     EPS_IN_SQRT: tl.constexpr, LR_ON_DEVICE: tl.constexpr, GRAD_SCALE: tl.constexpr, FOUND_INF: tl.constexpr,
+    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     found = 0.0
@@ -127,12 +139,12 @@ def _rmsprop_kernel(
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
                           lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                          True, BLOCK)
+                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, True, BLOCK)
         else:
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
                           lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                          False, BLOCK)
+                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, False, BLOCK)
         if (chunk == 0) and (step_addr != 0):
             sp = step_addr.to(tl.pointer_type(tl.float32))
             tl.store(sp, tl.load(sp) + 1.0)

@@ -35,6 +35,11 @@ class Hyper(NamedTuple):
     capturable: bool = False
     grad_scale: Any = None  # device scalar: grads are divided by it (GradScaler hands it over)
     found_inf: Any = None  # device scalar: nonzero skips the whole update, steps included
+    # other frameworks' semantics (RMSprop.keras / .tf1 / .optax); all False is torch's
+    lr_in_momentum: bool = False  # buf = m*buf + lr*g/d; p -= buf (TF1, Keras, optax) instead of p -= lr*buf
+    nesterov: bool = False  # p -= lr*g/d + m*buf (optax's nesterov trace); needs lr_in_momentum
+    decoupled_weight_decay: bool = False  # p -= p*wd*lr before the update (Keras) instead of g += wd*p
+    bias_correction: bool = False  # v / (1 - alpha^t) and grad_avg / (1 - alpha^t) (optax); torch backend
 
 
 @dataclass

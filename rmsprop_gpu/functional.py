@@ -24,7 +24,8 @@ def rmsprop(
     params, grads, square_avgs, grad_avgs=None, momentum_buffer_list=None, state_steps=None, *,
     lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
     eps_in_sqrt=False, capturable=False, grad_scale=None, found_inf=None, foreach=None, differentiable=False,
-    has_complex=False, backend=None,
+    has_complex=False, backend=None, lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False,
+    bias_correction=False,
 ) -> None:
     """One RMSprop step, in place, in torch.optim.rmsprop.rmsprop's argument order (and its keywords).
 
@@ -36,11 +37,15 @@ def rmsprop(
     differentiable=True runs torch's own differentiable step (autograd records it); has_complex is accepted
     for torch's signature (complex params are detected either way).
     backend: "auto" (default, or $RMSPROP_GPU_BACKEND), "triton", "cupy" or "torch".
+    lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction: other frameworks' semantics (the
+    optimizer's RMSprop.keras / .tf1 / .optax set them; see the README's table).
     Nothing is written unless every check passes, for every group and backend.
     """
     if differentiable:
-        if eps_in_sqrt or grad_scale is not None or found_inf is not None:
-            raise ValueError("differentiable=True runs torch's own step: no eps_in_sqrt, grad_scale or found_inf")
+        if (eps_in_sqrt or grad_scale is not None or found_inf is not None or lr_in_momentum or nesterov
+                or decoupled_weight_decay or bias_correction):
+            raise ValueError("differentiable=True runs torch's own step: no eps_in_sqrt, grad_scale, found_inf or "
+                             "other frameworks' switches")
         from torch.optim.rmsprop import rmsprop as torch_rmsprop
 
         with torch.enable_grad():
@@ -51,7 +56,7 @@ def rmsprop(
         return
     validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, read_tensor_lr=not capturable)
     hyper = make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable,
-                       grad_scale, found_inf)
+                       grad_scale, found_inf, lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction)
     checked = check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper,
                            foreach=foreach, backend=backend)
     for entry in prepare(checked, owned=False):  # every check and table first, then the writes
@@ -75,13 +80,15 @@ class RMSpropPlan:
     """
 
     def __init__(self, params, grads, square_avgs, grad_avgs=None, momentum_buffer_list=None, state_steps=None,
-                 *, momentum=0.0, centered=False, eps_in_sqrt=False, capturable=False, foreach=None, backend=None):
+                 *, momentum=0.0, centered=False, eps_in_sqrt=False, capturable=False, foreach=None, backend=None,
+                 lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False, bias_correction=False):
         backends.requested_name(backend)
         self._grads = list(grads)
         self._fixed = [list(params), list(square_avgs), list(grad_avgs or []), list(momentum_buffer_list or []),
                        list(state_steps or [])]
         self._structure = dict(momentum=float(momentum), centered=bool(centered), eps_in_sqrt=bool(eps_in_sqrt),
                                capturable=bool(capturable))
+        self._switches = (bool(lr_in_momentum), bool(nesterov), bool(decoupled_weight_decay), bool(bias_correction))
         self._foreach, self._backend = foreach, backend
         self._entries = None
         # complex params and DTensors run as per-call views: planned on every call
@@ -102,7 +109,7 @@ class RMSpropPlan:
             raise ValueError("momentum > 0 is structural in a plan (the buffers are fixed): make a new RMSpropPlan")
         validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, read_tensor_lr=not st["capturable"])
         hyper = make_hyper(lr, alpha, eps, weight_decay, momentum, st["centered"], maximize, st["eps_in_sqrt"],
-                           st["capturable"], grad_scale, found_inf)
+                           st["capturable"], grad_scale, found_inf, *self._switches)
         if grads is not None:
             grads = list(grads)
             if len(grads) != len(self._grads):

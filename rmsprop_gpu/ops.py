@@ -25,16 +25,17 @@ _MAX_PLANS = 8
 
 
 def _plan_for(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, momentum, centered,
-              eps_in_sqrt, capturable, backend) -> RMSpropPlan:
+              eps_in_sqrt, capturable, backend, switches) -> RMSpropPlan:
     key = (tuple(map(id, params)), tuple(map(id, square_avgs)), tuple(map(id, state_steps)), momentum > 0,
-           centered, eps_in_sqrt, capturable, backend)
+           centered, eps_in_sqrt, capturable, backend, switches)
     hit = _PLANS.get(key)
     if hit is not None and all(a is b for a, b in zip(hit[0], params + square_avgs + state_steps)):
         _PLANS.move_to_end(key)
         return hit[1]
     plan = RMSpropPlan(params, grads, square_avgs, grad_avgs or None, momentum_buffers or None,
                        state_steps or None, momentum=momentum, centered=centered, eps_in_sqrt=eps_in_sqrt,
-                       capturable=capturable, backend=backend or None)
+                       capturable=capturable, backend=backend or None, lr_in_momentum=switches[0],
+                       nesterov=switches[1], decoupled_weight_decay=switches[2], bias_correction=switches[3])
     _PLANS[key] = (list(params + square_avgs + state_steps), plan)  # strong refs: ids stay unique while cached
     if len(_PLANS) > _MAX_PLANS:
         _PLANS.popitem(last=False)
@@ -47,12 +48,14 @@ def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor
              momentum_buffers: list[Tensor], state_steps: list[Tensor], lr: float, lr_tensor: Tensor | None,
              alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool, maximize: bool,
              eps_in_sqrt: bool, capturable: bool, backend: str, grad_scale: Tensor | None,
-             found_inf: Tensor | None) -> None:
+             found_inf: Tensor | None, lr_in_momentum: bool = False, nesterov: bool = False,
+             decoupled_weight_decay: bool = False, bias_correction: bool = False) -> None:
     """One fused RMSprop step over these lists (empty grad_avgs / momentum_buffers when not used)."""
     if not params:
         return
     plan = _plan_for(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, momentum, centered,
-                     eps_in_sqrt, capturable, backend)
+                     eps_in_sqrt, capturable, backend,
+                     (lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction))
     plan(grads=grads, lr=lr_tensor if lr_tensor is not None else lr, alpha=alpha, eps=eps,
          weight_decay=weight_decay, momentum=momentum, maximize=maximize, grad_scale=grad_scale,
          found_inf=found_inf)
@@ -60,5 +63,6 @@ def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor
 
 @rmsprop_.register_fake
 def _(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, lr_tensor, alpha, eps,
-      weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable, backend, grad_scale, found_inf):
+      weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable, backend, grad_scale, found_inf,
+      lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False, bias_correction=False):
     return None  # in place only: no outputs, no metadata change

@@ -12,7 +12,7 @@ from . import backends
 from ._contract import STATE_KEYS, check_float32_range, validate_hyperparameters
 from .functional import RMSpropPlan
 from .in_backward import InBackward
-from .plan import StepPlan, check_groups, make_hyper, prepare, structure
+from .plan import FRAMEWORK_SWITCHES, StepPlan, check_groups, make_hyper, prepare, structure
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # values a step reads besides lr (compared by identity: a tensor lr must not be compared by value on the host)
@@ -44,8 +44,17 @@ class RMSprop(Optimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *,
                  eps_in_sqrt=False, state_dtype=None, backend=None, in_backward=False, bucket_mb=25,
-                 accumulation_steps=1):
+                 accumulation_steps=1, initial_accumulator_value=0.0, lr_in_momentum=False, nesterov=False,
+                 decoupled_weight_decay=False, bias_correction=False):
         validate_hyperparameters(lr, alpha, eps, weight_decay, momentum)
+        if not 0.0 <= float(initial_accumulator_value) < float("inf"):
+            raise ValueError(f"Invalid initial_accumulator_value: {initial_accumulator_value}")
+        if nesterov and not (momentum > 0 and lr_in_momentum):
+            raise ValueError("nesterov=True needs momentum > 0 and lr_in_momentum=True (optax's trace)")
+        switches = dict(lr_in_momentum=bool(lr_in_momentum), nesterov=bool(nesterov),
+                        decoupled_weight_decay=bool(decoupled_weight_decay), bias_correction=bool(bias_correction))
+        if differentiable and (any(switches.values()) or initial_accumulator_value):
+            raise ValueError("differentiable=True runs torch's own step: no other frameworks' switches")
         if in_backward and differentiable:
             raise ValueError("in_backward=True cannot be differentiable: the update runs inside backward")
         if differentiable and eps_in_sqrt:
@@ -56,9 +65,38 @@ class RMSprop(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, eps_in_sqrt=eps_in_sqrt, state_dtype=state_dtype,
-                        backend=backend)
+                        backend=backend, initial_accumulator_value=float(initial_accumulator_value), **switches)
         self._in_backward = InBackward(self, bucket_mb, accumulation_steps) if in_backward else None
         super().__init__(params, defaults)
+
+    # ---- other frameworks' RMSprop, in their own argument names and defaults (README: "Other frameworks")
+    @classmethod
+    def keras(cls, params, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False,
+              weight_decay=None, **ours) -> RMSprop:
+        """Keras 3's RMSprop: eps inside the root, lr inside the momentum buffer, decoupled weight decay
+        (p -= p * wd * lr before the update). ours: this class's own keywords (backend, state_dtype, ...)."""
+        return cls(params, lr=learning_rate, alpha=rho, eps=epsilon, momentum=momentum, centered=centered,
+                   weight_decay=0.0 if weight_decay is None else weight_decay, decoupled_weight_decay=True,
+                   eps_in_sqrt=True, lr_in_momentum=True, **ours)
+
+    @classmethod
+    def tf1(cls, params, learning_rate, decay=0.9, momentum=0.0, epsilon=1e-10, centered=False, **ours) -> RMSprop:
+        """TF1's tf.train.RMSPropOptimizer: the squared average starts at 1, eps inside the root, lr inside the
+        momentum buffer (mom = momentum * mom + lr * g / sqrt(ms + eps); var -= mom)."""
+        return cls(params, lr=learning_rate, alpha=decay, eps=epsilon, momentum=momentum, centered=centered,
+                   eps_in_sqrt=True, lr_in_momentum=True, initial_accumulator_value=1.0, **ours)
+
+    @classmethod
+    def optax(cls, params, learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True,
+              centered=False, momentum=None, nesterov=False, bias_correction=False, **ours) -> RMSprop:
+        """optax.rmsprop: scale_by_rms (or scale_by_stddev when centered) with initial_scale, eps placement and
+        bias correction, then -lr, then a momentum trace (nesterov optional). bias_correction runs on the torch
+        backend (the kernels refuse it)."""
+        if nesterov and momentum is None:
+            raise ValueError("nesterov=True needs a momentum (optax applies no trace when momentum is None)")
+        return cls(params, lr=learning_rate, alpha=decay, eps=eps, momentum=0.0 if momentum is None else momentum,
+                   centered=centered, eps_in_sqrt=eps_in_sqrt, lr_in_momentum=True, nesterov=nesterov,
+                   bias_correction=bias_correction, initial_accumulator_value=initial_scale, **ours)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -66,7 +104,8 @@ class RMSprop(Optimizer):
         for group in self.param_groups:
             for key, default in (("momentum", 0), ("centered", False), ("foreach", None), ("maximize", False),
                                  ("differentiable", False), ("capturable", False), ("eps_in_sqrt", False),
-                                 ("state_dtype", None), ("backend", None)):
+                                 ("state_dtype", None), ("backend", None), ("initial_accumulator_value", 0.0),
+                                 *((k, False) for k in FRAMEWORK_SWITCHES)):
                 group.setdefault(key, default)
 
     @staticmethod
@@ -98,6 +137,8 @@ class RMSprop(Optimizer):
                 for key in missing:
                     state[key] = torch.zeros_like(p, dtype=self._state_dtype(p, group),
                                                   memory_format=torch.preserve_format)
+                    if key == "square_avg" and group.get("initial_accumulator_value"):  # TF1: 1, optax initial_scale
+                        state[key].fill_(group["initial_accumulator_value"])
                 pending[p] = state
             out["params"].append(p)
             out["grads"].append(grad)
@@ -145,7 +186,8 @@ class RMSprop(Optimizer):
                 0.0 if isinstance(lr, torch.Tensor) else float(lr), lr if isinstance(lr, torch.Tensor) else None,
                 float(group["alpha"]), float(group["eps"]), float(group["weight_decay"]), float(group["momentum"]),
                 bool(group["centered"]), bool(group["maximize"]), bool(group["eps_in_sqrt"]),
-                bool(group["capturable"]), group["backend"] or "", grad_scale, found_inf)
+                bool(group["capturable"]), group["backend"] or "", grad_scale, found_inf,
+                *(bool(group[k]) for k in FRAMEWORK_SWITCHES))
         return loss
 
     @torch._disable_dynamo  # eager only (step() never calls it while compiling); lazy: dynamo loads on first call
@@ -181,7 +223,7 @@ class RMSprop(Optimizer):
     def _hyper(self, group, grad_scale=None, found_inf=None):
         return make_hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
                           group["centered"], group["maximize"], group["eps_in_sqrt"], group["capturable"],
-                          grad_scale, found_inf)
+                          grad_scale, found_inf, *(group[k] for k in FRAMEWORK_SWITCHES))
 
     def _build_plan(self) -> StepPlan:
         """Every check of every group, then tables; new state is committed only when all of it passed."""
@@ -191,8 +233,9 @@ class RMSprop(Optimizer):
         for gi, group in enumerate(self.param_groups):
             t = self._gather(group, pending)
             if group["differentiable"]:
-                if group["eps_in_sqrt"]:
-                    raise ValueError("eps_in_sqrt=True has no differentiable reference step in torch")
+                if group["eps_in_sqrt"] or any(group[k] for k in FRAMEWORK_SWITCHES):
+                    raise ValueError("eps_in_sqrt=True and other frameworks' switches have no differentiable "
+                                     "reference step in torch")
                 plan.entries.append(_ReferenceEntry(gi))
             elif t["params"]:
                 validate_hyperparameters(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
@@ -324,7 +367,8 @@ def _bucket_plan(t: dict, group: dict) -> RMSpropPlan:
     return RMSpropPlan(t["params"], t["grads"], t["square_avgs"], t["grad_avgs"] or None,
                        t["momentum_buffers"] or None, t["steps"], momentum=group["momentum"],
                        centered=group["centered"], eps_in_sqrt=group["eps_in_sqrt"], capturable=group["capturable"],
-                       foreach=group["foreach"], backend=group["backend"])
+                       foreach=group["foreach"], backend=group["backend"],
+                       **{k: group[k] for k in FRAMEWORK_SWITCHES})
 
 
 class _ReferenceEntry:

@@ -26,14 +26,16 @@ _data_ptr = torch.Tensor.data_ptr
 
 
 def make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable=False,
-               grad_scale=None, found_inf=None) -> Hyper:
+               grad_scale=None, found_inf=None, lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False,
+               bias_correction=False) -> Hyper:
     """Normalized run-time values: Python floats and bools (numpy scalars accepted), a 0-dim lr tensor."""
     if isinstance(lr, torch.Tensor):
         lr = lr.reshape(()) if lr.dim() else lr  # a view: a scheduler's in-place update stays visible
     else:
         lr = float(lr)
     return Hyper(lr, float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered),
-                 bool(maximize), bool(eps_in_sqrt), bool(capturable), grad_scale, found_inf)
+                 bool(maximize), bool(eps_in_sqrt), bool(capturable), grad_scale, found_inf, bool(lr_in_momentum),
+                 bool(nesterov), bool(decoupled_weight_decay), bool(bias_correction))
 
 
 @dataclass
@@ -51,6 +53,10 @@ class Checked:
 def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper: Hyper,
                  foreach=None, backend=None, group_index: int = 0) -> list[Checked]:
     """Check everything and choose a backend per group, writing nothing. Raises on any problem."""
+    if hyper.bias_correction and not state_steps:
+        raise ValueError("bias_correction=True needs state_steps (the step count of each param)")
+    if hyper.nesterov and not (hyper.momentum > 0 and hyper.lr_in_momentum):
+        raise ValueError("nesterov=True needs momentum > 0 and lr_in_momentum=True (optax's trace)")
     groups = build_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper)
     if foreach is False:  # torch's for-loop layout: one launch per tensor
         groups = [one for g in groups for one in g.split()]
@@ -92,7 +98,8 @@ def _launch_key(c: Checked):
     g, h = c.group, c.hyper
     lr_on_device = isinstance(h.lr, torch.Tensor) and h.lr.device == g.device
     return (c.backend.name, g.device, g.param_dtype, g.state_dtype, g.momentum_buffers is not None,
-            g.grad_avgs is not None, g.steps is not None, h.eps_in_sqrt, lr_on_device, type(g.params[0]))
+            g.grad_avgs is not None, g.steps is not None, h.eps_in_sqrt, lr_on_device, type(g.params[0]),
+            h.lr_in_momentum, h.nesterov, h.decoupled_weight_decay, h.bias_correction)
 
 
 def prepare(checked: list[Checked], owned: bool = True) -> list[Entry]:
@@ -116,11 +123,13 @@ def structure(group: dict) -> tuple:
     lr = group["lr"]
     return (group["momentum"] > 0, bool(group["centered"]), bool(group.get("eps_in_sqrt", False)),
             bool(group["capturable"]), group["foreach"], group["backend"], group.get("state_dtype"),
-            bool(group["differentiable"]), (lr.device, lr.dtype) if isinstance(lr, torch.Tensor) else None)
+            bool(group["differentiable"]), (lr.device, lr.dtype) if isinstance(lr, torch.Tensor) else None,
+            *(bool(group.get(k, False)) for k in FRAMEWORK_SWITCHES))
 
 
+FRAMEWORK_SWITCHES = ("lr_in_momentum", "nesterov", "decoupled_weight_decay", "bias_correction")
 _structure_raw = itemgetter("momentum", "centered", "eps_in_sqrt", "capturable", "foreach", "backend", "state_dtype",
-                            "differentiable")  # C-speed snapshot of the options; structure() decides when it differs
+                            "differentiable", *FRAMEWORK_SWITCHES)  # options, C-speed; structure() judges changes
 _params_of = itemgetter("params")
 _lr_of = itemgetter("lr")
 _grad = attrgetter("grad")

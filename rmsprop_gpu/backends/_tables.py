@@ -38,7 +38,8 @@ H_LR, H_ALPHA, H_ONE_MINUS_ALPHA, H_EPS, H_WEIGHT_DECAY, H_MOMENTUM, H_SIGN = ra
 KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 
 # flag bits (the CUDA kernel reads them at run time; Triton turns each into a constexpr)
-MAXIMIZE, WEIGHT_DECAY, EPS_IN_SQRT, LR_ON_DEVICE, GRAD_SCALE, FOUND_INF = (1 << i for i in range(6))
+(MAXIMIZE, WEIGHT_DECAY, EPS_IN_SQRT, LR_ON_DEVICE, GRAD_SCALE, FOUND_INF, LR_IN_MOMENTUM, NESTEROV,
+ DECOUPLED_WD) = (1 << i for i in range(9))
 
 
 def variant_flags(hypers: list[Hyper], lr_on_device: bool) -> int:
@@ -52,10 +53,15 @@ def variant_flags(hypers: list[Hyper], lr_on_device: bool) -> int:
         | (LR_ON_DEVICE if lr_on_device else 0)
         | (GRAD_SCALE if h.grad_scale is not None else 0)
         | (FOUND_INF if h.found_inf is not None else 0)
+        | (LR_IN_MOMENTUM if h.lr_in_momentum else 0)
+        | (NESTEROV if h.nesterov else 0)
+        | (DECOUPLED_WD if h.decoupled_weight_decay else 0)
     )
 
 
-def kernel_unsupported_reason(group: Group) -> str | None:
+def kernel_unsupported_reason(group: Group, hyper: Hyper | None = None) -> str | None:
+    if hyper is not None and hyper.bias_correction:
+        return "bias_correction=True runs on the torch backend (the kernels advance the step counters they would read)"
     if group.param_dtype not in KERNEL_DTYPES:
         return f"params of dtype {group.param_dtype} (kernels take {', '.join(KERNEL_DTYPES)})"
     return None

@@ -142,7 +142,7 @@ class CupyBackend(Backend):
             for name in ("lr", "grad_scale", "found_inf"):
                 if isinstance(getattr(hyper, name), torch.Tensor) and getattr(hyper, name).device.type != "cpu":
                     return f"{name} must be a float (or CPU tensor) with CuPy arrays"
-        return kernel_unsupported_reason(group)
+        return kernel_unsupported_reason(group, hyper)
 
     def describe(self):
         if self._factory is not _cupy_module:

@@ -76,12 +76,12 @@ class TorchBackend(Backend):
         found_inf = hypers[0].found_inf
         if found_inf is not None and bool(found_inf.item() != 0):  # reference path: a host read is fine here
             return
-        if len(hypers) == 1:
+        if len(hypers) == 1 and not hypers[0].bias_correction:
             for batch in prepared:
                 self._math(batch, hypers[0])
-        else:  # one hyper per slot
+        else:  # one hyper per slot; bias correction reads each tensor's step, so whole tensors
             for g, h in group.by_slot(hypers):
-                for batch in cache_batches(g):
+                for batch in (cache_batches(g) if not h.bias_correction else [g]):
                     self._math(batch, h)
         advance_steps(group.steps, None)
 
@@ -94,20 +94,34 @@ class TorchBackend(Backend):
         B = _compute_copies(group.momentum_buffers, cdt) if group.momentum_buffers is not None else None
         A = _compute_copies(group.grad_avgs, cdt) if group.grad_avgs is not None else None
 
+        lr = hyper.lr
+        if isinstance(lr, torch.Tensor):
+            lr = lr.to(device=group.device, dtype=cdt) if hyper.capturable else float(lr)
         if hyper.grad_scale is not None:
             G = torch._foreach_div(G, hyper.grad_scale.to(device=group.device, dtype=cdt))
         if hyper.maximize:
             G = torch._foreach_neg(G)
         if hyper.weight_decay != 0:
-            G = torch._foreach_add(G, P, alpha=hyper.weight_decay)
+            if hyper.decoupled_weight_decay:  # Keras: p - p * wd * lr, before the update
+                decay = torch._foreach_mul(P, hyper.weight_decay)
+                torch._foreach_mul_(decay, lr)
+                torch._foreach_sub_(P, decay)
+            else:
+                G = torch._foreach_add(G, P, alpha=hyper.weight_decay)
         alpha = hyper.alpha
         torch._foreach_mul_(V, alpha)
         torch._foreach_addcmul_(V, G, G, value=1 - alpha)
         var = V
+        if hyper.bias_correction:  # optax: both averages / (1 - alpha^t), t the step after this one
+            bc = [1 - alpha ** (s.to(device=group.device, dtype=cdt).reshape(()) + 1) for s in group.steps]
+            var = [v / b for v, b in zip(V, bc)]
         if A is not None:
             torch._foreach_lerp_(A, G, 1 - alpha)
-            var = torch._foreach_addcmul(V, A, A, value=-1)
-        if A is not None:  # var is already a temporary: sqrt in place
+            avg = [a / b for a, b in zip(A, bc)] if hyper.bias_correction else A
+            var = torch._foreach_addcmul(var, avg, avg, value=-1)
+            if hyper.bias_correction:  # rounding can make v - ga^2 slightly negative at step 1: clamp (optax: NaN)
+                torch._foreach_clamp_min_(var, 0.0)
+        if var is not V:  # var is already a temporary: sqrt in place
             denom = var
             if hyper.eps_in_sqrt:
                 torch._foreach_add_(denom, hyper.eps)
@@ -120,10 +134,17 @@ class TorchBackend(Backend):
         if not hyper.eps_in_sqrt:
             torch._foreach_add_(denom, hyper.eps)
 
-        lr = hyper.lr
-        if isinstance(lr, torch.Tensor):
-            lr = lr.to(device=group.device, dtype=cdt) if hyper.capturable else float(lr)
-        if B is not None:
+        if B is not None and hyper.lr_in_momentum:  # TF1 / Keras / optax: the buffer accumulates lr * g / d
+            step = torch._foreach_div(G, denom)
+            torch._foreach_mul_(step, lr)
+            torch._foreach_mul_(B, hyper.momentum)
+            torch._foreach_add_(B, step)
+            if hyper.nesterov:  # optax: lr * g / d + momentum * buf
+                torch._foreach_add_(step, torch._foreach_mul(B, hyper.momentum))
+                torch._foreach_sub_(P, step)
+            else:
+                torch._foreach_sub_(P, B)
+        elif B is not None:
             torch._foreach_mul_(B, hyper.momentum)
             torch._foreach_addcdiv_(B, G, denom)
             if isinstance(lr, torch.Tensor):

@@ -17,11 +17,14 @@ import torch
 from .._contract import Group, Hyper
 from ._tables import (
     BLOCK,
+    DECOUPLED_WD,
     EPS_IN_SQRT,
     FOUND_INF,
     GRAD_SCALE,
+    LR_IN_MOMENTUM,
     LR_ON_DEVICE,
     MAXIMIZE,
+    NESTEROV,
     WEIGHT_DECAY,
     TableCache,
     kernel_unsupported_reason,
@@ -50,7 +53,8 @@ def constexprs(param_dtype: str, state_dtype: str, flags: int, momentum: bool, c
         MAXIMIZE=bool(flags & MAXIMIZE), WEIGHT_DECAY=bool(flags & WEIGHT_DECAY),
         MOMENTUM=momentum, CENTERED=centered, EPS_IN_SQRT=bool(flags & EPS_IN_SQRT),
         LR_ON_DEVICE=bool(flags & LR_ON_DEVICE), GRAD_SCALE=bool(flags & GRAD_SCALE),
-        FOUND_INF=bool(flags & FOUND_INF), BLOCK=BLOCK,
+        FOUND_INF=bool(flags & FOUND_INF), LR_IN_MOMENTUM=bool(flags & LR_IN_MOMENTUM),
+        NESTEROV=bool(flags & NESTEROV), DECOUPLED_WD=bool(flags & DECOUPLED_WD), BLOCK=BLOCK,
     )
 
 
@@ -80,7 +84,7 @@ class TritonBackend(Backend):
     def unsupported_reason(self, group: Group, hyper: Hyper):
         if any(not isinstance(t, torch.Tensor) for t in group.params):
             return "the Triton backend takes torch tensors (use backend='cupy' for CuPy arrays)"
-        return kernel_unsupported_reason(group)
+        return kernel_unsupported_reason(group, hyper)
 
     def kernel(self):
         if self._kernel is None:
