@@ -21,7 +21,7 @@ typedef unsigned short u16;
 #define RMSPROP_THREADS 256
 
 enum : int { MAXIMIZE = 1, WEIGHT_DECAY = 2, EPS_IN_SQRT = 4, LR_ON_DEVICE = 8, GRAD_SCALE = 16, FOUND_INF = 32,
-             LR_IN_MOMENTUM = 64, NESTEROV = 128, DECOUPLED_WD = 256 };
+             LR_IN_MOMENTUM = 64, NESTEROV = 128, DECOUPLED_WD = 256, BIAS_CORRECTION = 512 };
 
 struct f16 { u16 bits; };
 struct bf16 { u16 bits; };
@@ -127,7 +127,7 @@ template <typename T, int N> __device__ __forceinline__ void store_vec(T* ptr, c
 }
 
 struct Hyper {
-  float lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale;
+  float lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc;
   int flags;
 };
 
@@ -142,10 +142,13 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
     g = g + h.weight_decay * p;  // per slot
   }
   v = h.alpha * v + (h.one_minus_alpha * g) * g;  // torch's addcmul order: g * g overflows above 1.8e19
-  float var = v;
+  const bool bias = h.flags & BIAS_CORRECTION;  // optax: the averages / (1 - alpha^t)
+  float var = bias ? v * h.inv_bc : v;
   if (CENTERED) {
     ga = ga + h.one_minus_alpha * (g - ga);
-    var = v - ga * ga;
+    const float avg = bias ? ga * h.inv_bc : ga;
+    var = var - avg * avg;
+    if (bias && var < 0.0f) var = 0.0f;  // rounding at step 1 (optax then gives NaN); NaN stays NaN
   }
   const float denom = (h.flags & EPS_IN_SQRT) ? __fsqrt_rn(var + h.eps) : __fsqrt_rn(var) + h.eps;
   if (MOMENTUM && (h.flags & LR_IN_MOMENTUM)) {  // TF1 / Keras / optax: the buffer accumulates lr * g / d
@@ -180,8 +183,15 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   const i64 numel = row[6];
   const i64* slot = hyper + row[7] * 8;
   const float* hv = (const float*)slot;  // float32 columns 2..8 of the slot
-  const Hyper h = {(flags & LR_ON_DEVICE) ? *(const float*)slot[0] : hv[2], hv[3], hv[4], hv[5], hv[6], hv[7], hv[8],
-                   (flags & GRAD_SCALE) ? *grad_scale_ptr : 1.0f, flags};
+  Hyper h = {(flags & LR_ON_DEVICE) ? *(const float*)slot[0] : hv[2], hv[3], hv[4], hv[5], hv[6], hv[7], hv[8],
+                   (flags & GRAD_SCALE) ? *grad_scale_ptr : 1.0f, 1.0f, flags};
+  if (flags & BIAS_CORRECTION) {  // 1 / (1 - alpha^t), t = this step's count (the host advances it after)
+    int e = (int)(*step + 1.0f);
+    float base = h.alpha, acc = 1.0f;
+    for (; e > 0; e >>= 1, base *= base)  // alpha^t by squaring: log2(t) multiplications
+      if (e & 1) acc *= base;
+    h.inv_bc = __fdiv_rn(1.0f, 1.0f - acc);
+  }
   const i64 start = chunk * RMSPROP_BLOCK;  // int64 offsets: tensors beyond 2**31 elements are fine
   const i64 end = start + RMSPROP_BLOCK < numel ? start + RMSPROP_BLOCK : numel;
   const bool aligned = ((row[0] | row[1] | row[2] | row[3] | row[4]) & 15) == 0;
@@ -216,7 +226,7 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
       if (CENTERED) a[i] = from_float<S>(ai);
     }
   }
-  if (chunk == 0 && step != 0 && threadIdx.x == 0) *step += 1.0f;
+  if (chunk == 0 && step != 0 && threadIdx.x == 0 && !(flags & BIAS_CORRECTION)) *step += 1.0f;
 }
 
 // Every entry point: (name, param type, state type, momentum, centered). The CPU test shim reuses this list.

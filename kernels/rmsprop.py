@@ -37,11 +37,11 @@ def _ptr(addr, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def _update_chunk(
     p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
-    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
-    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
     FULL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK)
@@ -63,14 +63,20 @@ def _update_chunk(
     elif WEIGHT_DECAY:  # per slot: a slot without weight decay keeps g exactly (0 * inf would be NaN)
         g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)
     v = alpha * v + (one_minus_alpha * g) * g  # torch's addcmul order: g * g alone overflows above 1.8e19
+    var = v
+    if BIAS_CORRECTION:  # optax: the averages / (1 - alpha^t)
+        var = v * inv_bc
     if CENTERED:
         ap = _ptr(a_addr, start, S_DTYPE, FULL_ALIGNED) + offs
         ga = tl.load(ap, mask=mask).to(tl.float32)
         ga = ga + one_minus_alpha * (g - ga)
-        var = v - ga * ga
+        avg = ga
+        if BIAS_CORRECTION:
+            avg = ga * inv_bc
+        var = var - avg * avg
+        if BIAS_CORRECTION:  # rounding can make it slightly negative at step 1 (optax then gives NaN)
+            var = tl.where(var < 0.0, 0.0, var)
         tl.store(ap, _to_storage(ga, S_DTYPE), mask=mask)
-    else:
-        var = v
     if EPS_IN_SQRT:
         denom = tl.sqrt_rn(var + eps)
     else:
@@ -101,7 +107,7 @@ def _rmsprop_kernel(
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     EPS_IN_SQRT: tl.constexpr, LR_ON_DEVICE: tl.constexpr, GRAD_SCALE: tl.constexpr, FOUND_INF: tl.constexpr,
-    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     found = 0.0
@@ -134,17 +140,29 @@ def _rmsprop_kernel(
         grad_scale = 1.0
         if GRAD_SCALE:
             grad_scale = tl.load(grad_scale_ptr)
+        inv_bc = 1.0
+        if BIAS_CORRECTION:  # 1 / (1 - alpha^t), t = this step's count (the host advances the counter after)
+            t = tl.load(step_addr.to(tl.pointer_type(tl.float32))) + 1.0
+            e = t.to(tl.int32)
+            base = alpha * 1.0
+            acc = alpha * 0.0 + 1.0
+            while e > 0:  # alpha^t by squaring: log2(t) multiplications
+                acc = tl.where((e & 1) == 1, acc * base, acc)
+                base = base * base
+                e = e >> 1
+            inv_bc = tl.div_rn(1.0 + alpha * 0.0, 1.0 - acc)
         aligned = ((p_addr | g_addr | v_addr | b_addr | a_addr) & 15) == 0
         if aligned and (start + BLOCK <= numel):
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
-                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
+                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, True, BLOCK)
+                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, True, BLOCK)
         else:
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
-                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
+                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, False, BLOCK)
-        if (chunk == 0) and (step_addr != 0):
-            sp = step_addr.to(tl.pointer_type(tl.float32))
-            tl.store(sp, tl.load(sp) + 1.0)
+                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, False, BLOCK)
+        if not BIAS_CORRECTION:  # noqa: SIM102  (constexpr; with it, the host advances the counters)
+            if (chunk == 0) and (step_addr != 0):
+                sp = step_addr.to(tl.pointer_type(tl.float32))
+                tl.store(sp, tl.load(sp) + 1.0)

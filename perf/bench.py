@@ -49,7 +49,11 @@ VARIANTS = {
     "centered": dict(param=torch.float32, state=None, opts=dict(centered=True)),
     "centered_momentum": dict(param=torch.float32, state=None, opts=dict(centered=True, momentum=0.9)),
     "bf16_fp32_state": dict(param=torch.bfloat16, state=torch.float32, opts={}),
+    # the seed's formula p -= lr * g / sqrt(E[g^2] + eps), as TF1, Keras and optax define RMSprop: torch.optim has
+    # no such option, so its baselines here are Keras 3 (torch backend) and TF1's per-variable kernel layout
+    "seed_formula": dict(param=torch.float32, state=None, opts=dict(eps_in_sqrt=True)),
 }
+TORCH_OPTIONS = ("momentum", "centered", "weight_decay")  # what torch.optim.RMSprop can run of VARIANTS' opts
 
 
 def min_bytes_per_elem(variant: str) -> int:
@@ -91,7 +95,7 @@ class TorchOptim(Provider):
 
     def build(self, params, variant):
         v = VARIANTS[variant]
-        if v["state"] is not None:  # torch keeps state in the param dtype: use fp32 master copies
+        if v["state"] is not None or set(v["opts"]) - set(TORCH_OPTIONS):  # fp32 state / the seed's formula
             return None
         opt = torch.optim.RMSprop(params, lr=LR, foreach=self.foreach, capturable=self.capturable, **v["opts"])
         return opt.step
@@ -112,7 +116,7 @@ class TorchCompile(Provider):
 
     def build(self, params, variant):
         v = VARIANTS[variant]
-        if v["state"] is not None:
+        if v["state"] is not None or set(v["opts"]) - set(TORCH_OPTIONS):
             return None
         import torch._dynamo
 
@@ -196,6 +200,69 @@ class ChainerStyle(Provider):
         return step
 
 
+class Keras3(Provider):
+    """Keras 3's RMSprop on its torch backend (the seed formula): per-variable ops, unfused. Its variables alias
+    the benchmark's params (keras.Variable keeps the torch tensor it is given and assigns in place)."""
+
+    name = "keras3_torch"
+
+    def available(self):
+        os.environ.setdefault("KERAS_BACKEND", "torch")
+        try:
+            import keras
+        except ImportError:
+            return "keras is not installed (pip install 'rmsprop-gpu[frameworks]')"
+        if keras.backend.backend() != "torch":
+            return f"keras runs on {keras.backend.backend()}, not torch (set KERAS_BACKEND=torch)"
+        return None
+
+    def build(self, params, variant):
+        if variant != "seed_formula":
+            return None
+        import keras
+
+        variables = [keras.Variable(p.detach()) for p in params]
+        if any(v.value.data_ptr() != p.data_ptr() for v, p in zip(variables, params) if p.numel()):
+            raise RuntimeError("keras copied the params: the update could not be checked")
+        opt = keras.optimizers.RMSprop(learning_rate=LR, rho=0.99, epsilon=1e-8)
+        opt.build(variables)
+        grads = [p.grad for p in params]
+
+        def step():
+            opt.apply_gradients(zip(grads, variables))
+
+        return step
+
+
+class TF1PerVariable(Provider):
+    """TF1's layout: one fused ApplyRMSProp kernel per variable (ms += (g*g - ms) * (1 - rho);
+    var -= lr * g * rsqrt(ms + eps)), as a CuPy ElementwiseKernel launched once per parameter. ms starts at 0
+    here (TF1 starts it at 1) so that the first step is the seed formula the oracle checks."""
+
+    name = "tf1_per_variable_cupy"
+    available = ChainerStyle.available
+
+    def build(self, params, variant):
+        if variant != "seed_formula":
+            return None
+        import cupy
+
+        kernel = cupy.ElementwiseKernel(
+            "T grad, T lr, T rho, T eps", "T var, T ms",
+            "ms += (grad * grad - ms) * (1 - rho); var -= lr * grad * rsqrt(ms + eps);", "tf1_apply_rmsprop")
+        states = [torch.zeros_like(p) for p in params]
+        arrays = [(cupy.asarray(p.grad), cupy.asarray(p), cupy.asarray(s)) for p, s in zip(params, states)
+                  if p.numel()]
+        lr, rho, eps = (np.float32(x) for x in (LR, 0.99, 1e-8))
+
+        def step():
+            for g, p, ms in arrays:
+                kernel(g, lr, rho, eps, p, ms)
+
+        step.keepalive = states
+        return step
+
+
 def providers(device, with_compile: bool, gpu_check: bool = False, dry_run: bool = False):
     """In the order their cases run: ours and torch's eager steps first, torch.compile (slow to build) last."""
     ours = [Ours(device, b, dry_run) for b in (("triton", "cupy") if gpu_check else ("triton", "cupy", "torch"))]
@@ -203,7 +270,7 @@ def providers(device, with_compile: bool, gpu_check: bool = False, dry_run: bool
     if gpu_check:
         out.append(TorchOptim(device, True, capturable=True))
     comp = TorchCompile(device)
-    out += [ChainerStyle(device), comp]
+    out += [ChainerStyle(device), TF1PerVariable(device)] + ([] if gpu_check else [Keras3(device)]) + [comp]
     if (with_compile or dry_run) and device.type == "cpu":
         comp.available = lambda: None
         comp.compiler_backend = "aot_eager" if dry_run else "inductor"  # the dry run proves the path, fast

@@ -57,6 +57,7 @@ class Group:
     steps: list | None = None  # step counters (float32 scalars) or None when the caller keeps none
     slots: list | None = None  # per tensor: which Hyper of the launch applies (None: all use the first)
     index: list = field(default_factory=list)  # per tensor: its position in the caller's lists
+    read_steps: bool = False  # bias correction: the kernels read each step counter, the host advances it
 
     def __len__(self) -> int:
         return len(self.params)
@@ -66,7 +67,7 @@ class Group:
         pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
         return Group(self.device, self.param_dtype, self.state_dtype, pick(self.params), pick(self.grads),
                      pick(self.square_avgs), pick(self.momentum_buffers), pick(self.grad_avgs), pick(self.steps),
-                     index=pick(self.index))
+                     index=pick(self.index), read_steps=self.read_steps)
 
     def split(self) -> list[Group]:
         """One group per tensor (for foreach=False: one launch per tensor, the classic layout)."""
@@ -86,7 +87,7 @@ class Group:
             x for g in parts for x in getattr(g, name)]
         return Group(first.device, first.param_dtype, first.state_dtype, cat("params"), cat("grads"),
                      cat("square_avgs"), cat("momentum_buffers"), cat("grad_avgs"), cat("steps"),
-                     [k for k, g in enumerate(parts) for _ in range(len(g))], cat("index"))
+                     [k for k, g in enumerate(parts) for _ in range(len(g))], cat("index"), first.read_steps)
 
 
 def _check_nonneg(name: str, value) -> None:

@@ -58,6 +58,8 @@ def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, st
     if hyper.nesterov and not (hyper.momentum > 0 and hyper.lr_in_momentum):
         raise ValueError("nesterov=True needs momentum > 0 and lr_in_momentum=True (optax's trace)")
     groups = build_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper)
+    for g in groups:
+        g.read_steps = hyper.bias_correction
     if foreach is False:  # torch's for-loop layout: one launch per tensor
         groups = [one for g in groups for one in g.split()]
     out = []

@@ -142,25 +142,27 @@ def test_optax_formula(backend, case):
                                        case["centered"], case["momentum"], case["nesterov"], False))
 
 
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("momentum", [None, 0.9])
-def test_optax_bias_correction_on_the_torch_path(centered, momentum):
+def test_optax_bias_correction(backend, centered, momentum):
     """Centered with bias correction starts at v - ga^2 = 0 exactly (step 1: both are g^2): the update is then
     g / sqrt(rounding + eps), so eps must dominate float32 rounding for any comparison to mean something."""
     p, grads = params_for(7), grads_for(8)
-    ours, _ = run_ours(lambda ps: rmsprop_gpu.RMSprop.optax(ps, 0.01, centered=centered, momentum=momentum,
-                                                            bias_correction=True, eps=0.1), p, grads)
+    ours, opt = run_ours(lambda ps: rmsprop_gpu.RMSprop.optax(ps, 0.01, centered=centered, momentum=momentum,
+                                                              bias_correction=True, eps=0.1, backend=backend),
+                         p, grads)
+    assert all(float(s["step"]) == STEPS for s in opt.state.values())  # advanced once per step, after the read
     assert_close(ours, optax_reference(p, grads, 0.01, 0.9, 0.1, 0.0, True, centered, momentum, False, True),
                  FRAMEWORKS_CENTERED_BIAS if centered else FRAMEWORKS)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cupy"])
-def test_bias_correction_is_refused_by_the_kernels(backend):
-    p = [torch.randn(10)]
-    p[0].grad = torch.randn(10)
-    opt = rmsprop_gpu.RMSprop.optax(p, 0.01, bias_correction=True, backend=backend)
+def test_bias_correction_needs_step_counters_the_kernel_can_read(backend):
+    p, v = [torch.randn(10)], [torch.zeros(10)]
     with pytest.raises(BackendUnavailableError, match="bias_correction"):
-        opt.step()
+        rmsprop_gpu.rmsprop(p, [torch.randn(10)], v, state_steps=[torch.zeros((), dtype=torch.float64)],
+                            bias_correction=True, backend=backend)
 
 
 def test_what_does_not_fit_is_refused():

@@ -39,7 +39,7 @@ KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 
 # flag bits (the CUDA kernel reads them at run time; Triton turns each into a constexpr)
 (MAXIMIZE, WEIGHT_DECAY, EPS_IN_SQRT, LR_ON_DEVICE, GRAD_SCALE, FOUND_INF, LR_IN_MOMENTUM, NESTEROV,
- DECOUPLED_WD) = (1 << i for i in range(9))
+ DECOUPLED_WD, BIAS_CORRECTION) = (1 << i for i in range(10))
 
 
 def variant_flags(hypers: list[Hyper], lr_on_device: bool) -> int:
@@ -56,12 +56,14 @@ def variant_flags(hypers: list[Hyper], lr_on_device: bool) -> int:
         | (LR_IN_MOMENTUM if h.lr_in_momentum else 0)
         | (NESTEROV if h.nesterov else 0)
         | (DECOUPLED_WD if h.decoupled_weight_decay else 0)
+        | (BIAS_CORRECTION if h.bias_correction else 0)
     )
 
 
 def kernel_unsupported_reason(group: Group, hyper: Hyper | None = None) -> str | None:
-    if hyper is not None and hyper.bias_correction:
-        return "bias_correction=True runs on the torch backend (the kernels advance the step counters they would read)"
+    if hyper is not None and hyper.bias_correction and any(
+            s.device != group.device or s.dtype != torch.float32 for s in group.steps or ()):
+        return "bias_correction=True needs float32 step counters on the params' device (the kernel reads them)"
     if group.param_dtype not in KERNEL_DTYPES:
         return f"params of dtype {group.param_dtype} (kernels take {', '.join(KERNEL_DTYPES)})"
     return None
@@ -311,7 +313,7 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
             s = group.steps[i]
             if s.device == group.device and s.dtype == torch.float32 and s.is_contiguous():
                 step_ptr = s.data_ptr()
-            else:
+            if group.read_steps or not step_ptr:  # bias correction: the kernel reads it, the host advances it after
                 host_steps.append(s)
         rows.append((*(arr.ptr(x) if x is not None else 0 for x in row), step_ptr, arr.numel(p),
                      group.slots[i] if group.slots is not None else 0))

@@ -16,6 +16,7 @@ import torch
 
 from .._contract import Group, Hyper
 from ._tables import (
+    BIAS_CORRECTION,
     BLOCK,
     DECOUPLED_WD,
     EPS_IN_SQRT,
@@ -54,7 +55,8 @@ def constexprs(param_dtype: str, state_dtype: str, flags: int, momentum: bool, c
         MOMENTUM=momentum, CENTERED=centered, EPS_IN_SQRT=bool(flags & EPS_IN_SQRT),
         LR_ON_DEVICE=bool(flags & LR_ON_DEVICE), GRAD_SCALE=bool(flags & GRAD_SCALE),
         FOUND_INF=bool(flags & FOUND_INF), LR_IN_MOMENTUM=bool(flags & LR_IN_MOMENTUM),
-        NESTEROV=bool(flags & NESTEROV), DECOUPLED_WD=bool(flags & DECOUPLED_WD), BLOCK=BLOCK,
+        NESTEROV=bool(flags & NESTEROV), DECOUPLED_WD=bool(flags & DECOUPLED_WD),
+        BIAS_CORRECTION=bool(flags & BIAS_CORRECTION), BLOCK=BLOCK,
     )
 
 
