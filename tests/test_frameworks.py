@@ -227,3 +227,33 @@ def test_optax_itself(kwargs):
         params = optax.apply_updates(params, updates)
     ours, _ = run_ours(lambda ps: rmsprop_gpu.RMSprop.optax(ps, 0.01, **kwargs), p, grads)
     assert_close(ours, params, FRAMEWORKS_CENTERED_BIAS if kwargs.get("bias_correction") else FRAMEWORKS)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("framework", ["tf1", "keras", "optax"])
+def test_16_bit_params(backend, dtype, framework):
+    """16-bit params with float32 state: rounded to 16 bits once per step, within tests/tolerances.py's TORCH."""
+    from tests.tolerances import TORCH
+
+    p, grads = params_for(15), grads_for(16)
+    make = {"tf1": lambda ps: rmsprop_gpu.RMSprop.tf1(ps, 0.01, momentum=0.9, centered=True, backend=backend,
+                                                      state_dtype=torch.float32),
+            "keras": lambda ps: rmsprop_gpu.RMSprop.keras(ps, momentum=0.9, centered=True, weight_decay=0.05,
+                                                          backend=backend, state_dtype=torch.float32),
+            "optax": lambda ps: rmsprop_gpu.RMSprop.optax(ps, 0.01, momentum=0.9, nesterov=True, centered=True,
+                                                          bias_correction=True, eps=0.1, backend=backend,
+                                                          state_dtype=torch.float32)}[framework]
+    ps = [x.to(dtype) for x in p]
+    opt = make(ps)
+    for gs in grads:
+        for q, g in zip(ps, gs):
+            q.grad = g.to(dtype)
+        opt.step()
+    # the float64 reference starts from the same 16-bit values and grads
+    p16 = [x.to(dtype).double() for x in p]
+    g16 = [[g.to(dtype).double() for g in gs] for gs in grads]
+    expected = {"tf1": lambda: tf1_reference(p16, g16, 0.01, 0.9, 0.9, 1e-10, True),
+                "keras": lambda: keras_reference(p16, g16, 0.001, 0.9, 0.9, 1e-7, True, 0.05),
+                "optax": lambda: optax_reference(p16, g16, 0.01, 0.9, 0.1, 0.0, True, True, 0.9, True, True)}
+    assert_close([q.float() for q in ps], expected[framework](), TORCH[str(dtype).removeprefix("torch.")])
