@@ -160,6 +160,23 @@ class Ours(Provider):
         return opt.step
 
 
+def per_tensor_step(kernel, params, scalars):
+    """One launch of a CuPy ElementwiseKernel (grad, scalars...) -> (param, ms) per parameter: the cuDNN-era
+    layout. Arrays are wrapped once (zero-copy views through __cuda_array_interface__), not in the timed step."""
+    import cupy
+
+    states = [torch.zeros_like(p) for p in params]
+    arrays = [(cupy.asarray(p.grad), cupy.asarray(p), cupy.asarray(s)) for p, s in zip(params, states) if p.numel()]
+    values = [np.float32(x) for x in scalars]
+
+    def step():
+        for g, p, ms in arrays:
+            kernel(g, *values, p, ms)
+
+    step.keepalive = states
+    return step
+
+
 class ChainerStyle(Provider):
     """One fused CuPy ElementwiseKernel launch per parameter: the cuDNN-era fused baseline."""
 
@@ -186,18 +203,7 @@ class ChainerStyle(Provider):
             "T grad, T lr, T alpha, T eps", "T param, T ms",
             "ms += (1 - alpha) * (grad * grad - ms); param -= lr * grad / (sqrt(ms) + eps);",
             "chainer_rmsprop")
-        states = [torch.zeros_like(p) for p in params]
-        # wrap once (zero-copy views through __cuda_array_interface__), not inside the timed step
-        arrays = [(cupy.asarray(p.grad), cupy.asarray(p), cupy.asarray(s)) for p, s in zip(params, states)
-                  if p.numel()]
-        lr, alpha, eps = (np.float32(x) for x in (LR, 0.99, 1e-8))
-
-        def step():
-            for g, p, ms in arrays:
-                kernel(g, lr, alpha, eps, p, ms)
-
-        step.keepalive = states
-        return step
+        return per_tensor_step(kernel, params, (LR, 0.99, 1e-8))
 
 
 class Keras3(Provider):
@@ -250,17 +256,7 @@ class TF1PerVariable(Provider):
         kernel = cupy.ElementwiseKernel(
             "T grad, T lr, T rho, T eps", "T var, T ms",
             "ms += (grad * grad - ms) * (1 - rho); var -= lr * grad * rsqrt(ms + eps);", "tf1_apply_rmsprop")
-        states = [torch.zeros_like(p) for p in params]
-        arrays = [(cupy.asarray(p.grad), cupy.asarray(p), cupy.asarray(s)) for p, s in zip(params, states)
-                  if p.numel()]
-        lr, rho, eps = (np.float32(x) for x in (LR, 0.99, 1e-8))
-
-        def step():
-            for g, p, ms in arrays:
-                kernel(g, lr, rho, eps, p, ms)
-
-        step.keepalive = states
-        return step
+        return per_tensor_step(kernel, params, (LR, 0.99, 1e-8))
 
 
 def providers(device, with_compile: bool, gpu_check: bool = False, dry_run: bool = False):

@@ -8,7 +8,9 @@ step plan.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from itertools import chain
+from operator import is_
 
 import torch
 
@@ -132,6 +134,26 @@ class RMSpropPlan:
             check_float32_range(hyper)
         for e in self._entries:
             e.run({0: hyper})
+
+
+class PlanCache:
+    """RMSpropPlans per set of tensors, found by identity; the tensors are held, so their ids stay unique while
+    cached. Least recently used first out beyond max_entries."""
+
+    def __init__(self, max_entries: int):
+        self._max = max_entries
+        self._entries: OrderedDict[tuple, tuple[list, RMSpropPlan]] = OrderedDict()
+
+    def get(self, key: tuple, tensors: list, make) -> RMSpropPlan:
+        hit = self._entries.get(key)
+        if hit is not None and len(hit[0]) == len(tensors) and all(map(is_, hit[0], tensors)):
+            self._entries.move_to_end(key)
+            return hit[1]
+        plan = make()
+        self._entries[key] = (list(tensors), plan)
+        if len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+        return plan
 
 
 def _same_kind(new, old) -> bool:

@@ -23,7 +23,7 @@ import weakref
 
 import torch
 
-from .functional import RMSpropPlan
+from .functional import PlanCache
 
 
 class InBackward:
@@ -42,7 +42,7 @@ class InBackward:
         self.counts: dict[int, int] = {}  # id(param) -> backwards accumulated since its last update
         self.backwards = 0  # backward passes since the last opt.step()
         self.buckets = 0  # buckets stepped (tests and benchmarks read it)
-        self.plans: dict[tuple, tuple[list, RMSpropPlan]] = {}
+        self.plans = PlanCache(4096)  # one per bucket part; buckets move when params gain or lose grads
         self.warned = False
         self.ddp = None  # the DDP model whose comm hook drives the updates (attach_ddp)
 
@@ -127,17 +127,6 @@ class InBackward:
         for p in params:
             p.grad = None
         self.buckets += 1
-
-    def plan(self, key: tuple, tensors: list, make) -> RMSpropPlan:
-        """The cached plan of one bucket part (tensors held: ids stay unique while cached)."""
-        hit = self.plans.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
-            return hit[1]
-        if len(self.plans) > 4096:  # buckets move when params gain or lose grads: do not grow without bound
-            self.plans.clear()
-        plan = make()
-        self.plans[key] = (tensors, plan)
-        return plan
 
     def step_called(self, opt, closure, grad_scale) -> None:
         """opt.step() with in_backward: nothing to do (say so once), or refuse what cannot have worked."""

@@ -13,33 +13,23 @@ compiled optimizers: changing one recompiles.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import Tensor
 
-from .functional import RMSpropPlan
+from .functional import PlanCache, RMSpropPlan
 
-_PLANS: OrderedDict[tuple, tuple[list, RMSpropPlan]] = OrderedDict()  # a few plans, keyed by tensor identity
-_MAX_PLANS = 8
+_PLANS = PlanCache(8)  # a few plans, keyed by tensor identity (they hold at most 8 sets of tensors alive)
 
 
 def _plan_for(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, momentum, centered,
               eps_in_sqrt, capturable, backend, switches) -> RMSpropPlan:
     key = (tuple(map(id, params)), tuple(map(id, square_avgs)), tuple(map(id, state_steps)), momentum > 0,
            centered, eps_in_sqrt, capturable, backend, switches)
-    hit = _PLANS.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], params + square_avgs + state_steps)):
-        _PLANS.move_to_end(key)
-        return hit[1]
-    plan = RMSpropPlan(params, grads, square_avgs, grad_avgs or None, momentum_buffers or None,
-                       state_steps or None, momentum=momentum, centered=centered, eps_in_sqrt=eps_in_sqrt,
-                       capturable=capturable, backend=backend or None, lr_in_momentum=switches[0],
-                       nesterov=switches[1], decoupled_weight_decay=switches[2], bias_correction=switches[3])
-    _PLANS[key] = (list(params + square_avgs + state_steps), plan)  # strong refs: ids stay unique while cached
-    if len(_PLANS) > _MAX_PLANS:
-        _PLANS.popitem(last=False)
-    return plan
+    return _PLANS.get(key, params + square_avgs + state_steps, lambda: RMSpropPlan(
+        params, grads, square_avgs, grad_avgs or None, momentum_buffers or None, state_steps or None,
+        momentum=momentum, centered=centered, eps_in_sqrt=eps_in_sqrt, capturable=capturable,
+        backend=backend or None, lr_in_momentum=switches[0], nesterov=switches[1],
+        decoupled_weight_decay=switches[2], bias_correction=switches[3]))
 
 
 @torch.library.custom_op("rmsprop_gpu::rmsprop_",

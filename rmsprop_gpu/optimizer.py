@@ -306,7 +306,7 @@ class RMSprop(Optimizer):
             self.state.update(pending)
             tensors = t["params"] + t["square_avgs"] + t["steps"]
             key = (gi, tuple(map(id, t["params"])), structure(group))
-            plan = ib.plan(key, tensors, functools.partial(_bucket_plan, t, group))
+            plan = ib.plans.get(key, tensors, functools.partial(_bucket_plan, t, group))
             plan(grads=t["grads"], lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                  weight_decay=group["weight_decay"], momentum=group["momentum"], maximize=group["maximize"])
 

@@ -122,10 +122,9 @@ def prepare(checked: list[Checked], owned: bool = True) -> list[Entry]:
 def structure(group: dict) -> tuple:
     """The options of a param group that change what is launched. Values never do, nor maximize and whether
     weight decay is on: the kernels take both per slot, every step."""
-    lr = group["lr"]
     return (group["momentum"] > 0, bool(group["centered"]), bool(group.get("eps_in_sqrt", False)),
             bool(group["capturable"]), group["foreach"], group["backend"], group.get("state_dtype"),
-            bool(group["differentiable"]), (lr.device, lr.dtype) if isinstance(lr, torch.Tensor) else None,
+            bool(group["differentiable"]), _lr_kind(group["lr"]),
             *(bool(group.get(k, False)) for k in FRAMEWORK_SWITCHES))
 
 
