@@ -31,8 +31,19 @@ bench: $(STAMP)  ## the full benchmark suite (GPU: every workload; CPU: small si
 host-overhead: $(STAMP)  ## host time per step with the launch stubbed (perf/results/host_overhead_cpu.*)
 	$(BIN)/python perf/host_overhead.py
 
-report: $(STAMP)  ## static kernel report (no GPU needed)
+# The GPU image's Triton, for the static report beside the pinned one (installed apart: build/triton-<version>)
+TRITON_GPU_IMAGE ?= 3.6.0
+TRITON_IMAGE_DIR := build/triton-$(TRITON_GPU_IMAGE)
+
+$(TRITON_IMAGE_DIR)/.installed:
+	$(BIN)/python -m pip install --quiet --no-deps --target $(TRITON_IMAGE_DIR) triton==$(TRITON_GPU_IMAGE)
+	touch $@
+
+report: $(STAMP) $(TRITON_IMAGE_DIR)/.installed  ## static kernel report (no GPU needed): pinned Triton + the GPU image's
+	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_IMAGE_DIR) $(BIN)/python -m rmsprop_gpu.kernel_report \
+		--backend triton --json build/static_report_triton_$(TRITON_GPU_IMAGE).json > /dev/null || true
 	env -u TRITON_INTERPRET $(BIN)/python -m rmsprop_gpu.kernel_report \
+		--merge build/static_report_triton_$(TRITON_GPU_IMAGE).json \
 		--markdown perf/results/static_report.md --json perf/results/static_report.json
 
 gpu-check:  ## on a lent GPU machine: its own python3 and packages (no venv, no downloads); results in $$OUT

@@ -5,8 +5,11 @@
 //   blocks:  int64 [B]    = (tensor << 32) | chunk; CUDA block b updates chunk * 2048 .. + 2048 of that tensor
 //   hyper:   int64 [S, 8] = per slot (param group): lr address (LR_ON_DEVICE), then as float32 columns 2..8:
 //                           lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize)
-// Launch with 256 threads per block. Dtypes and the switches that change memory traffic (momentum, centered)
-// are template parameters; the others are uniform run-time flags (no extra traffic, one kernel per layout).
+// Launch with 128 threads per block (16 elements each per chunk: the per-chunk set-up, table lookups and
+// hyperparameters, is spread over twice as many elements as with 8). Dtypes, momentum/centered and the option flags are template parameters:
+// the loader instantiates one entry point per (layout, flags) with RMSPROP_KERNEL, so the hot loop tests no
+// flag (as Triton's constexprs). FLAGS = RUNTIME_FLAGS reads them from the `flags` argument instead: the CPU
+// test build (tests/cuda_cpu) uses that to cover every combination with one compilation of the same code.
 // Hyperparameter values come from the hyper table, so one launch serves many param groups.
 // Math is float32 with IEEE sqrt and division; 16-bit stores round to nearest even.
 //
@@ -18,10 +21,10 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 
 #define RMSPROP_BLOCK 2048
-#define RMSPROP_THREADS 256
+#define RMSPROP_THREADS 128
 
 enum : int { MAXIMIZE = 1, WEIGHT_DECAY = 2, EPS_IN_SQRT = 4, LR_ON_DEVICE = 8, GRAD_SCALE = 16, FOUND_INF = 32,
-             LR_IN_MOMENTUM = 64, NESTEROV = 128, DECOUPLED_WD = 256, BIAS_CORRECTION = 512 };
+             LR_IN_MOMENTUM = 64, NESTEROV = 128, DECOUPLED_WD = 256, BIAS_CORRECTION = 512, RUNTIME_FLAGS = -1 };
 
 struct f16 { u16 bits; };
 struct bf16 { u16 bits; };
@@ -128,10 +131,11 @@ template <typename T, int N> __device__ __forceinline__ void store_vec(T* ptr, c
 
 struct Hyper {
   float lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc;
-  int flags;
+  int flags;  // FLAGS, or the `flags` argument when FLAGS == RUNTIME_FLAGS
 };
 
-// One element of the update; p, v, buf, ga are read and written in registers.
+// One element of the update; p, v, buf, ga are read and written in registers. h.flags is a compile-time
+// constant unless the kernel reads its flags at run time, so each flag test below folds away.
 template <bool MOMENTUM, bool CENTERED>
 __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, float& ga, const Hyper& h) {
   if (h.flags & GRAD_SCALE) g = __fdiv_rn(g, h.grad_scale);
@@ -168,24 +172,25 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
       int flags
 #define RMSPROP_ARGS tensors, blocks, hyper, grad_scale_ptr, found_inf_ptr, flags
 
-template <typename P, typename S, bool MOMENTUM, bool CENTERED>
+template <typename P, typename S, bool MOMENTUM, bool CENTERED, int FLAGS>
 __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
-  if ((flags & FOUND_INF) && *found_inf_ptr != 0.0f) return;  // GradScaler's skip: write nothing
+  const int f = FLAGS == RUNTIME_FLAGS ? flags : FLAGS;
+  if ((f & FOUND_INF) && *found_inf_ptr != 0.0f) return;  // GradScaler's skip: write nothing
   const i64 info = blocks[blockIdx.x];
   const i64* row = tensors + (info >> 32) * 8;
   const i64 chunk = info & 0xFFFFFFFFll;
   P* p = (P*)row[0];
   const P* g = (const P*)row[1];
   S* v = (S*)row[2];
-  S* b = (S*)row[3];
-  S* a = (S*)row[4];
+  S* b = MOMENTUM ? (S*)row[3] : nullptr;
+  S* a = CENTERED ? (S*)row[4] : nullptr;
   float* step = (float*)row[5];
   const i64 numel = row[6];
   const i64* slot = hyper + row[7] * 8;
   const float* hv = (const float*)slot;  // float32 columns 2..8 of the slot
-  Hyper h = {(flags & LR_ON_DEVICE) ? *(const float*)slot[0] : hv[2], hv[3], hv[4], hv[5], hv[6], hv[7], hv[8],
-                   (flags & GRAD_SCALE) ? *grad_scale_ptr : 1.0f, 1.0f, flags};
-  if (flags & BIAS_CORRECTION) {  // 1 / (1 - alpha^t), t = this step's count (the host advances it after)
+  Hyper h = {(f & LR_ON_DEVICE) ? *(const float*)slot[0] : hv[2], hv[3], hv[4], hv[5], hv[6], hv[7], hv[8],
+             (f & GRAD_SCALE) ? *grad_scale_ptr : 1.0f, 1.0f, f};
+  if (f & BIAS_CORRECTION) {  // 1 / (1 - alpha^t), t = this step's count (the host advances it after)
     int e = (int)(*step + 1.0f);
     float base = h.alpha, acc = 1.0f;
     for (; e > 0; e >>= 1, base *= base)  // alpha^t by squaring: log2(t) multiplications
@@ -193,28 +198,37 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
     h.inv_bc = __fdiv_rn(1.0f, 1.0f - acc);
   }
   const i64 start = chunk * RMSPROP_BLOCK;  // int64 offsets: tensors beyond 2**31 elements are fine
-  const i64 end = start + RMSPROP_BLOCK < numel ? start + RMSPROP_BLOCK : numel;
-  const bool aligned = ((row[0] | row[1] | row[2] | row[3] | row[4]) & 15) == 0;
+  const bool aligned = (((i64)p | (i64)g | (i64)v | (i64)b | (i64)a) & 15) == 0;
 
+  // Fast path: every load of the chunk is issued before any math (one memory wave), then all stores.
   constexpr int VEC = Packet<P>::N;  // 4 floats or 8 halves: one 128-bit packet of p and g per step
-  if (aligned && end - start == RMSPROP_BLOCK) {
+  constexpr int ITERS = RMSPROP_BLOCK / (RMSPROP_THREADS * VEC);
+  if (aligned && numel - start >= RMSPROP_BLOCK) {
+    float pv[ITERS][VEC], gv[ITERS][VEC], vv[ITERS][VEC], bv[ITERS][VEC], av[ITERS][VEC];
 #pragma unroll
-    for (int it = 0; it < RMSPROP_BLOCK / (RMSPROP_THREADS * VEC); ++it) {
+    for (int it = 0; it < ITERS; ++it) {
       const i64 i = start + (i64)(it * RMSPROP_THREADS + (int)threadIdx.x) * VEC;
-      float pv[VEC], gv[VEC], vv[VEC], bv[VEC], av[VEC];
-      load_vec(p + i, pv);
-      load_vec(g + i, gv);
-      load_vec(v + i, vv);
-      if (MOMENTUM) load_vec(b + i, bv);
-      if (CENTERED) load_vec(a + i, av);
+      load_vec(p + i, pv[it]);
+      load_vec(g + i, gv[it]);
+      load_vec(v + i, vv[it]);
+      if (MOMENTUM) load_vec(b + i, bv[it]);
+      if (CENTERED) load_vec(a + i, av[it]);
+    }
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) update<MOMENTUM, CENTERED>(pv[k], gv[k], vv[k], bv[k], av[k], h);
-      store_vec(p + i, pv);
-      store_vec(v + i, vv);
-      if (MOMENTUM) store_vec(b + i, bv);
-      if (CENTERED) store_vec(a + i, av);
+    for (int it = 0; it < ITERS; ++it) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) update<MOMENTUM, CENTERED>(pv[it][k], gv[it][k], vv[it][k], bv[it][k], av[it][k], h);
+    }
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const i64 i = start + (i64)(it * RMSPROP_THREADS + (int)threadIdx.x) * VEC;
+      store_vec(p + i, pv[it]);
+      store_vec(v + i, vv[it]);
+      if (MOMENTUM) store_vec(b + i, bv[it]);
+      if (CENTERED) store_vec(a + i, av[it]);
     }
   } else {
+    const i64 end = start + RMSPROP_BLOCK < numel ? start + RMSPROP_BLOCK : numel;
     for (i64 i = start + threadIdx.x; i < end; i += RMSPROP_THREADS) {
       float pi = to_float(p[i]), vi = to_float(v[i]);
       float bi = MOMENTUM ? to_float(b[i]) : 0.0f;
@@ -226,10 +240,17 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
       if (CENTERED) a[i] = from_float<S>(ai);
     }
   }
-  if (chunk == 0 && step != 0 && threadIdx.x == 0 && !(flags & BIAS_CORRECTION)) *step += 1.0f;
+  if (chunk == 0 && step != 0 && threadIdx.x == 0 && !(f & BIAS_CORRECTION)) *step += 1.0f;
 }
 
-// Every entry point: (name, param type, state type, momentum, centered). The CPU test shim reuses this list.
+// The entry point the loader appends for one (layout, flags): RMSPROP_KERNEL(name, P, S, momentum, centered, flags).
+#define RMSPROP_KERNEL(NAME, P, S, MOM, CEN, FLAGS)                                         \
+  extern "C" __global__ void __launch_bounds__(RMSPROP_THREADS) NAME(RMSPROP_PARAMS) { \
+    rmsprop_block<P, S, MOM, CEN, FLAGS>(RMSPROP_ARGS);                                    \
+  }
+
+// Every layout: (name, param type, state type, momentum, centered). The CPU test build instantiates each with
+// RUNTIME_FLAGS; the static report instantiates each with chosen flags.
 #define RMSPROP_LAYOUTS(X, MOM, CEN, SUFFIX)        \
   X(rmsprop_f32_f32##SUFFIX, float, float, MOM, CEN) \
   X(rmsprop_f16_f16##SUFFIX, f16, f16, MOM, CEN)     \
@@ -241,9 +262,3 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   RMSPROP_LAYOUTS(X, true, false, _momentum) \
   RMSPROP_LAYOUTS(X, false, true, _centered) \
   RMSPROP_LAYOUTS(X, true, true, _centered_momentum)
-
-#define RMSPROP_DEFINE(NAME, P, S, MOM, CEN)                                                 \
-  extern "C" __global__ void __launch_bounds__(RMSPROP_THREADS) NAME(RMSPROP_PARAMS) { \
-    rmsprop_block<P, S, MOM, CEN>(RMSPROP_ARGS);                                          \
-  }
-RMSPROP_ENTRY_POINTS(RMSPROP_DEFINE)

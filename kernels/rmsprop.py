@@ -7,6 +7,7 @@ Contract (shared with kernels/rmsprop.cu, built by rmsprop_gpu/backends/_tables.
                           lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize)
 Hyperparameters are values in the hyper table (a new lr/alpha/eps never compiles a new kernel); the switches
 that change what is read or computed are constexpr. Math is float32; stores round to nearest even.
+NATIVE_BF16 is False only under the interpreter (TRITON_INTERPRET=1), whose bf16 cast truncates.
 """
 
 import triton
@@ -14,9 +15,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _to_storage(x, DTYPE: tl.constexpr):
-    """float32 -> storage dtype, round to nearest even (by hand for bf16: the interpreter truncates)."""
-    if tl.bfloat16 == DTYPE:
+def _to_storage(x, DTYPE: tl.constexpr, NATIVE_BF16: tl.constexpr):
+    """float32 -> storage dtype, round to nearest even. bf16: the GPU's own conversion (cvt.rn.bf16x2.f32, one
+    instruction per two elements); under the interpreter, which truncates, the same rounding by hand."""
+    if tl.bfloat16 == DTYPE and not NATIVE_BF16:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN
@@ -35,25 +37,24 @@ def _ptr(addr, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _update_chunk(
-    p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
+def _load(addr, start, offs, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    return tl.load(_ptr(addr, start, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float32)
+
+
+@triton.jit
+def _store(addr, start, offs, mask, x, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr):
+    tl.store(_ptr(addr, start, DTYPE, ALIGNED) + offs, _to_storage(x, DTYPE, NATIVE_BF16), mask=mask)
+
+
+@triton.jit
+def _update(
+    p, g, v, buf, ga,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
-    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
     LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-    FULL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.arange(0, BLOCK)
-    mask = offs < numel - start
-    if FULL_ALIGNED:
-        mask = None  # whole chunk in bounds: no predicate, so loads vectorize
-    pp = _ptr(p_addr, start, P_DTYPE, FULL_ALIGNED) + offs
-    gp = _ptr(g_addr, start, P_DTYPE, FULL_ALIGNED) + offs
-    vp = _ptr(v_addr, start, S_DTYPE, FULL_ALIGNED) + offs
-    p = tl.load(pp, mask=mask).to(tl.float32)
-    g = tl.load(gp, mask=mask).to(tl.float32)
-    v = tl.load(vp, mask=mask).to(tl.float32)
+    """The update of one tile in float32: returns the new p, v, buf, ga (buf/ga unchanged when not used)."""
     if GRAD_SCALE:
         g = tl.div_rn(g, grad_scale)  # exactly torch's unscale
     if MAXIMIZE:  # per slot: sign is -1 for maximize, +1 otherwise (exact either way)
@@ -67,8 +68,6 @@ def _update_chunk(
     if BIAS_CORRECTION:  # optax: the averages / (1 - alpha^t)
         var = v * inv_bc
     if CENTERED:
-        ap = _ptr(a_addr, start, S_DTYPE, FULL_ALIGNED) + offs
-        ga = tl.load(ap, mask=mask).to(tl.float32)
         ga = ga + one_minus_alpha * (g - ga)
         avg = ga
         if BIAS_CORRECTION:
@@ -76,14 +75,11 @@ def _update_chunk(
         var = var - avg * avg
         if BIAS_CORRECTION:  # rounding can make it slightly negative at step 1 (optax then gives NaN)
             var = tl.where(var < 0.0, 0.0, var)
-        tl.store(ap, _to_storage(ga, S_DTYPE), mask=mask)
     if EPS_IN_SQRT:
         denom = tl.sqrt_rn(var + eps)
     else:
         denom = tl.sqrt_rn(var) + eps
     if MOMENTUM:
-        bp = _ptr(b_addr, start, S_DTYPE, FULL_ALIGNED) + offs
-        buf = tl.load(bp, mask=mask).to(tl.float32)
         if LR_IN_MOMENTUM:  # TF1 / Keras / optax: the buffer accumulates lr * g / d
             step = lr * tl.div_rn(g, denom)
             buf = momentum * buf + step
@@ -94,11 +90,67 @@ def _update_chunk(
         else:
             buf = momentum * buf + tl.div_rn(g, denom)
             p = p - lr * buf
-        tl.store(bp, _to_storage(buf, S_DTYPE), mask=mask)
     else:
         p = p - lr * tl.div_rn(g, denom)
-    tl.store(vp, _to_storage(v, S_DTYPE), mask=mask)
-    tl.store(pp, _to_storage(p, P_DTYPE), mask=mask)
+    return p, v, buf, ga
+
+
+@triton.jit
+def _update_chunk(
+    p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+    EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
+    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The chunk as two tiles of BLOCK / 2: every load of both first (one memory wave), then the math and stores
+    of one tile at a time, so only one tile's intermediates are live (the registers of 8, not 16, elements per
+    thread) and, with 8 elements of every dtype per thread, no layout conversion between 16- and 32-bit data."""
+    TILE: tl.constexpr = BLOCK // 2
+    offs = tl.arange(0, TILE)
+    s1 = start + TILE
+    m0 = offs < numel - start
+    m1 = offs < numel - s1
+    if FULL_ALIGNED:  # whole chunk in bounds: no predicate, so loads vectorize
+        m0 = None
+        m1 = None
+    # (state first: ptxas then keeps every load ahead of the first unpack in all variants; see kernel_report)
+    v0 = _load(v_addr, start, offs, m0, S_DTYPE, FULL_ALIGNED)
+    v1 = _load(v_addr, s1, offs, m1, S_DTYPE, FULL_ALIGNED)
+    b0 = v0
+    b1 = v1
+    a0 = v0
+    a1 = v1
+    if MOMENTUM:
+        b0 = _load(b_addr, start, offs, m0, S_DTYPE, FULL_ALIGNED)
+        b1 = _load(b_addr, s1, offs, m1, S_DTYPE, FULL_ALIGNED)
+    if CENTERED:
+        a0 = _load(a_addr, start, offs, m0, S_DTYPE, FULL_ALIGNED)
+        a1 = _load(a_addr, s1, offs, m1, S_DTYPE, FULL_ALIGNED)
+    p0 = _load(p_addr, start, offs, m0, P_DTYPE, FULL_ALIGNED)
+    g0 = _load(g_addr, start, offs, m0, P_DTYPE, FULL_ALIGNED)
+    p1 = _load(p_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
+    g1 = _load(g_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
+    p0, v0, b0, a0 = _update(p0, g0, v0, b0, a0, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
+                             grad_scale, inv_bc, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
+                             LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION)
+    _store(p_addr, start, offs, m0, p0, P_DTYPE, FULL_ALIGNED, NATIVE_BF16)
+    _store(v_addr, start, offs, m0, v0, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
+    if MOMENTUM:
+        _store(b_addr, start, offs, m0, b0, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
+    if CENTERED:
+        _store(a_addr, start, offs, m0, a0, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
+    p1, v1, b1, a1 = _update(p1, g1, v1, b1, a1, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
+                             grad_scale, inv_bc, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
+                             LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION)
+    _store(p_addr, s1, offs, m1, p1, P_DTYPE, FULL_ALIGNED, NATIVE_BF16)
+    _store(v_addr, s1, offs, m1, v1, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
+    if MOMENTUM:
+        _store(b_addr, s1, offs, m1, b1, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
+    if CENTERED:
+        _store(a_addr, s1, offs, m1, a1, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
 
 
 @triton.jit
@@ -108,7 +160,7 @@ def _rmsprop_kernel(
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     EPS_IN_SQRT: tl.constexpr, LR_ON_DEVICE: tl.constexpr, GRAD_SCALE: tl.constexpr, FOUND_INF: tl.constexpr,
     LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-    BLOCK: tl.constexpr,
+    NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     found = 0.0
     if FOUND_INF:
@@ -156,12 +208,12 @@ def _rmsprop_kernel(
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
                           lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, True, BLOCK)
+                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, True, NATIVE_BF16, BLOCK)
         else:
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
                           lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, False, BLOCK)
+                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, False, NATIVE_BF16, BLOCK)
         if not BIAS_CORRECTION:  # noqa: SIM102  (constexpr; with it, the host advances the counters)
             if (chunk == 0) and (step_addr != 0):
                 sp = step_addr.to(tl.pointer_type(tl.float32))

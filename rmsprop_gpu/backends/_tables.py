@@ -31,7 +31,7 @@ from .. import _arrays as arr
 from .._contract import Group, Hyper
 from .base import advance_steps
 
-BLOCK = 2048  # elements per program (Triton) / per CUDA block (256 threads x 8): part of the contract
+BLOCK = 2048  # elements per program (Triton) / per CUDA block (128 threads x 16): part of the contract
 ROW = 8  # int64 fields per tensor: p, g, v, buf, grad_avg, step, numel, slot
 HYPER_ROW = 8  # int64 fields per slot (16 float32)
 H_LR, H_ALPHA, H_ONE_MINUS_ALPHA, H_EPS, H_WEIGHT_DECAY, H_MOMENTUM, H_SIGN = range(2, 9)  # float32 columns

@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 from collections.abc import Callable
 from importlib import resources
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,8 +30,9 @@ from ._tables import (
 )
 from .base import Backend
 
-THREADS = 256  # BLOCK / THREADS = 8 elements per thread
+THREADS = 128  # BLOCK / THREADS = 16 elements per thread per chunk (kernels/rmsprop.cu: RMSPROP_THREADS)
 _SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+_CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16"}
 _LAYOUT = {(False, False): "plain", (True, False): "momentum", (False, True): "centered",
            (True, True): "centered_momentum"}
 assert BLOCK == 2048  # kernels/rmsprop.cu hard-codes the chunk size of the table contract
@@ -42,6 +44,30 @@ def kernel_source() -> str:
 
 def kernel_name(param_dtype: str, state_dtype: str, momentum: bool, centered: bool) -> str:
     return f"rmsprop_{_SHORT[param_dtype]}_{_SHORT[state_dtype]}_{_LAYOUT[momentum, centered]}"
+
+
+class KernelSpec(NamedTuple):
+    """One entry point of kernels/rmsprop.cu: a layout and its compile-time option flags."""
+
+    param_dtype: str
+    state_dtype: str
+    momentum: bool
+    centered: bool
+    flags: int
+
+    @property
+    def layout_name(self) -> str:
+        return kernel_name(self.param_dtype, self.state_dtype, self.momentum, self.centered)
+
+    @property
+    def name(self) -> str:
+        return f"{self.layout_name}_f{self.flags}"
+
+    def definition(self, macro: str = "RMSPROP_KERNEL") -> str:
+        """The line appended to the source to instantiate this entry point (RMSPROP_KERNEL in the .cu)."""
+        c = _CTYPE
+        return (f"{macro}({self.name}, {c[self.param_dtype]}, {c[self.state_dtype]}, "
+                f"{str(self.momentum).lower()}, {str(self.centered).lower()}, {self.flags})\n")
 
 
 # One set of NVRTC options for the run-time build and the static report (rmsprop_gpu.kernel_report).
@@ -59,11 +85,12 @@ def nvrtc_arch_option(capability: int, supported: tuple[int, ...]) -> str:
     return f"-arch=compute_{max(older) if older else min(supported)}"
 
 
-def compile_cubin(capability: int) -> bytes:
-    """kernels/rmsprop.cu through CuPy's NVRTC binding with NVRTC_OPTIONS (no -ftz=true appended)."""
+def compile_cubin(capability: int, spec: KernelSpec) -> bytes:
+    """One entry point of kernels/rmsprop.cu through CuPy's NVRTC binding with NVRTC_OPTIONS (no -ftz=true
+    appended): about 0.3 s, once per (layout, flags) and device."""
     from cupy_backends.cuda.libs import nvrtc
 
-    prog = nvrtc.createProgram(kernel_source(), "rmsprop.cu", (), ())
+    prog = nvrtc.createProgram(kernel_source() + spec.definition(), "rmsprop.cu", (), ())
     try:
         arch = nvrtc_arch_option(capability, tuple(nvrtc.getSupportedArchs()))
         try:
@@ -75,14 +102,18 @@ def compile_cubin(capability: int) -> bytes:
         nvrtc.destroyProgram(prog)
 
 
-def _cupy_module(device: torch.device):
+_LOADED_MODULES: list = []  # every module a kernel came from stays loaded (kernels are cached for good)
+
+
+def _cupy_kernel(device: torch.device, spec: KernelSpec):
     import cupy
     from cupy.cuda import function
 
     with cupy.cuda.Device(device.index or 0) as dev:
         mod = function.Module()
-        mod.load(compile_cubin(int(dev.compute_capability)))
-        return mod
+        mod.load(compile_cubin(int(dev.compute_capability), spec))
+        _LOADED_MODULES.append(mod)
+        return mod.get_function(spec.name)
 
 
 def _upload(a: np.ndarray, group: Group, out=None):
@@ -104,16 +135,16 @@ class CupyBackend(Backend):
     def __init__(self):
         self.tables = TableCache(_upload)
         self.launches = 0
-        self._factory: Callable = _cupy_module
+        self._factory: Callable = _cupy_kernel
         self._factory_devices: tuple[str, ...] = ("cuda",)
-        self._modules: dict[str, object] = {}
+        self._kernels: dict[tuple[torch.device, KernelSpec], object] = {}
         self._streams: dict[tuple[int, int], object] = {}
 
     def use_module_factory(self, factory: Callable | None, device_types: tuple[str, ...] = ("cpu",)) -> None:
-        """Test seam: build modules with `factory(device)` for these device types (None restores CuPy)."""
-        self._factory = factory or _cupy_module
+        """Test seam: build kernels with `factory(device, spec)` for these device types (None restores CuPy)."""
+        self._factory = factory or _cupy_kernel
         self._factory_devices = device_types if factory else ("cuda",)
-        self._modules.clear()
+        self._kernels.clear()
         self.tables.clear()
 
     def unavailable_reason(self, device):
@@ -121,7 +152,7 @@ class CupyBackend(Backend):
             return None
         if device.type not in self._factory_devices:
             return f"CuPy kernels need a CUDA device, got {device.type}"
-        if self._factory is not _cupy_module:
+        if self._factory is not _cupy_kernel:
             return None
         if importlib.util.find_spec("cupy") is None:
             return "cupy is not installed (pip install 'rmsprop-gpu[cupy-cuda13]' or '[cupy-cuda12]')"
@@ -145,18 +176,18 @@ class CupyBackend(Backend):
         return kernel_unsupported_reason(group, hyper)
 
     def describe(self):
-        if self._factory is not _cupy_module:
+        if self._factory is not _cupy_kernel:
             return {"module": "test module factory"}
         import cupy
 
         return {"version": cupy.__version__}
 
-    def module(self, device: torch.device):
-        key = str(device)
-        mod = self._modules.get(key)
-        if mod is None:
-            mod = self._modules[key] = self._factory(device)
-        return mod
+    def kernel(self, device: torch.device, spec: KernelSpec):
+        key = (device, spec)
+        k = self._kernels.get(key)
+        if k is None:
+            k = self._kernels[key] = self._factory(device, spec)
+        return k
 
     def _stream(self, group: Group):
         if group.device.type != "cuda":
@@ -183,15 +214,15 @@ class CupyBackend(Backend):
         return regrad_launch(launch, group, self.tables)
 
     def run(self, launch, group: Group, hypers: list[Hyper]) -> None:
-        name = kernel_name(group.param_dtype, group.state_dtype,
-                           group.momentum_buffers is not None, group.grad_avgs is not None)
         flags, grad_scale, found_inf = launch_args(launch, group, hypers)
+        spec = KernelSpec(group.param_dtype, group.state_dtype, group.momentum_buffers is not None,
+                          group.grad_avgs is not None, flags)
         args = (_ptr(launch.tensors), _ptr(launch.blocks), _ptr(launch.hyper.buffer), _ptr(grad_scale),
                 _ptr(found_inf), np.int32(flags))
         launch.before()
         if not self.launch_stubbed:
             with self._device(group):  # CuPy loads modules and launches on its current device: the group's
-                fn = self.module(group.device).get_function(name)
+                fn = self.kernel(group.device, spec)
                 fn((launch.n_blocks,), (THREADS,), args, stream=self._stream(group))
         self.launches += 1
         launch.after(hypers[0].found_inf)

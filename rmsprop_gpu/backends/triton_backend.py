@@ -36,7 +36,10 @@ from ._tables import (
 )
 from .base import Backend
 
-NUM_WARPS = 8  # 256 threads x 8 elements = BLOCK: 128-bit accesses for every dtype
+# 128 threads x 16 elements = BLOCK: 128-bit accesses, and the per-chunk set-up spread over 16 elements. The
+# kernel then holds 118-213 registers (8-16 resident warps per SM, >= 40 KiB of loads in flight per SM); capping
+# them (maxnreg=128) spills, as the static report shows.
+NUM_WARPS = 4
 
 
 def interpreting() -> bool:
@@ -44,9 +47,10 @@ def interpreting() -> bool:
 
 
 @functools.cache
-def constexprs(param_dtype: str, state_dtype: str, flags: int, momentum: bool, centered: bool) -> dict:
-    """The compile-time switches of one launch: dtypes and variant flags, never a hyperparameter value. Cached
-    (at most 5 dtype layouts x 4 variants x 64 flags); callers must not modify the dict."""
+def constexprs(param_dtype: str, state_dtype: str, flags: int, momentum: bool, centered: bool,
+               native_bf16: bool | None = None) -> dict:
+    """The compile-time switches of one launch: dtypes and variant flags, never a hyperparameter value. Cached;
+    callers must not modify the dict. native_bf16 (default: not interpreting) picks the GPU's bf16 rounding."""
     import triton.language as tl
 
     return dict(
@@ -56,8 +60,12 @@ def constexprs(param_dtype: str, state_dtype: str, flags: int, momentum: bool, c
         LR_ON_DEVICE=bool(flags & LR_ON_DEVICE), GRAD_SCALE=bool(flags & GRAD_SCALE),
         FOUND_INF=bool(flags & FOUND_INF), LR_IN_MOMENTUM=bool(flags & LR_IN_MOMENTUM),
         NESTEROV=bool(flags & NESTEROV), DECOUPLED_WD=bool(flags & DECOUPLED_WD),
-        BIAS_CORRECTION=bool(flags & BIAS_CORRECTION), BLOCK=BLOCK,
+        BIAS_CORRECTION=bool(flags & BIAS_CORRECTION),
+        NATIVE_BF16=not interpreting() if native_bf16 is None else native_bf16, BLOCK=BLOCK,
     )
+
+
+LAUNCH_OPTIONS = {"num_warps": NUM_WARPS}
 
 
 class TritonBackend(Backend):
@@ -125,7 +133,7 @@ class TritonBackend(Backend):
                     launch.tensors, launch.blocks, launch.hyper.buffer, launch.hyper.floats,
                     grad_scale if grad_scale is not None else dummy,
                     found_inf if found_inf is not None else dummy,
-                    **cx, num_warps=NUM_WARPS,
+                    **cx, **LAUNCH_OPTIONS,
                 )
             if t0 is not None:
                 self.first_launch_seconds[key] = time.perf_counter() - t0

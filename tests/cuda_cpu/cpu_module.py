@@ -1,7 +1,9 @@
-"""kernels/rmsprop.cu compiled by g++ for the CPU, behind the interface of cupy.RawModule.
+"""kernels/rmsprop.cu compiled by g++ for the CPU, behind the CuPy backend's kernel factory seam.
 
 CupyBackend.use_module_factory(cpu_module_factory) makes the CuPy backend launch these CPU builds on CPU
-tensors: its own table building, argument marshalling and launch configuration run unchanged.
+tensors: its own table building, argument marshalling and launch configuration run unchanged. One build holds
+every layout with its option flags read at run time (RUNTIME_FLAGS); `static_kernel(spec)` builds the
+compile-time instantiation the GPU loader uses for one (layout, flags), to check the two agree.
 """
 
 from __future__ import annotations
@@ -28,24 +30,29 @@ def cu_path() -> Path:
     return Path(str(resources.files("rmsprop_gpu.kernels").joinpath("rmsprop.cu"))), kernel_source()
 
 
-def build_library() -> Path:
+def build_library(static_entry: str | None = None) -> Path:
     cu, source = cu_path()
-    digest = hashlib.sha256((source + (HERE / "shim.h").read_text()
-                             + (HERE / "launcher.cpp").read_text()).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((source + (HERE / "shim.h").read_text() + (HERE / "launcher.cpp").read_text()
+                             + str(static_entry)).encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"rmsprop_cu_cpu_{digest}.so"
     if not out.exists():
         tmp = out.with_suffix(f".{id(out)}.tmp.so")
         cmd = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-fno-strict-aliasing", "-ffp-contract=off",
                "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Wno-uninitialized",
                f"-I{HERE}", f'-DRMSPROP_CU_PATH="{cu}"', str(HERE / "launcher.cpp"), "-o", str(tmp)]
+        if static_entry:
+            cmd.insert(-3, f"-DRMSPROP_STATIC_ENTRY={static_entry}")
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         tmp.rename(out)
     return out
 
 
 class CpuKernel:
-    def __init__(self, fn):
+    """A launcher with the call signature of a cupy.RawKernel."""
+
+    def __init__(self, fn, spec=None):
         self._fn = fn
+        self.spec = spec
         self.calls = 0
 
     def __call__(self, grid, block, args, stream=None, shared_mem=0):
@@ -57,27 +64,24 @@ class CpuKernel:
         self._fn(gx, bx, *conv)
 
 
-class CpuRawModule:
-    """get_function(name) like cupy.RawModule, returning CPU launchers of the same kernels."""
-
-    def __init__(self, path: Path):
-        self._lib = ctypes.CDLL(str(path))
-        self.kernels: dict[str, CpuKernel] = {}
-
-    def get_function(self, name: str) -> CpuKernel:
-        k = self.kernels.get(name)
-        if k is None:
-            fn = getattr(self._lib, f"launch_{name}")
-            fn.argtypes, fn.restype = ARGTYPES, None
-            k = self.kernels[name] = CpuKernel(fn)
-        return k
+def _launcher(path: Path, name: str):
+    fn = getattr(ctypes.CDLL(str(path)), f"launch_{name}")
+    fn.argtypes, fn.restype = ARGTYPES, None
+    return fn
 
 
 _LIB: Path | None = None
 
 
-def cpu_module_factory(device) -> CpuRawModule:
+def cpu_module_factory(device, spec) -> CpuKernel:
+    """The run-time-flags launcher of spec's layout (the kernel reads spec.flags from its `flags` argument)."""
     global _LIB
     if _LIB is None:
         _LIB = build_library()
-    return CpuRawModule(_LIB)
+    return CpuKernel(_launcher(_LIB, spec.layout_name), spec)
+
+
+def static_kernel(spec) -> CpuKernel:
+    """spec's compile-time instantiation, built alone (about 2 s of g++)."""
+    entry = spec.definition("RMSPROP_CPU_LAUNCHER_FLAGS").strip()
+    return CpuKernel(_launcher(build_library(entry), spec.name), spec)
