@@ -10,7 +10,8 @@ perf/results/cpu/gpu_check/). Every stage runs in its own process under its own 
 times out is recorded and the next one runs. summary.json is rewritten after every stage and the benchmark
 rewrites its data after every case, so a run cut short keeps what it measured. At most 8 files are written
 (the device tool brings back 8): summary.json, gpu_check.log, bench.{json,csv,md}, bench_gbps.png,
-bench_speedup.png, static_report.json. Budget: about 6 minutes on an H100.
+bench_speedup.png, static_report.json (hardware counters, when ncu is installed, go into summary.json).
+Budget: about 6 minutes on an H100.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # seconds per stage on the GPU; the dry run on a 2-core CPU gets DRY_RUN_FACTOR times as long
-STAGES = {"install": 60, "environment": 30, "tests": 150, "bench": 120, "static_report": 60}
+STAGES = {"install": 60, "environment": 30, "tests": 150, "bench": 120, "static_report": 60, "hw_counters": 45}
 DRY_RUN_FACTOR = 4
 
 
@@ -223,7 +224,13 @@ def main(argv=None) -> int:
             plot(out / "bench.json")
 
     if "static_report" not in args.skip:  # the machine's Triton (3.6 on the GPU image) beside the committed one
-        r.stage("static_report", [py, "-m", "rmsprop_gpu.kernel_report", "--json", str(out / "static_report.json")])
+        r.stage("static_report", [py, "-m", "rmsprop_gpu.kernel_report", "--flag-sets", "defaults",
+                                  "--json", str(out / "static_report.json")])
+
+    if "hw_counters" not in args.skip and not args.dry_run:  # ncu, when installed: the static model on the card
+        counters = r.work / "hw_counters.json"
+        r.stage("hw_counters", [py, "perf/hw_counters.py", "--json", str(counters)],
+                lambda: {"hw_counters": json.loads(counters.read_text())} if counters.exists() else {})
 
     r.summary["seconds"] = round(time.time() - t_start, 1)
     r.write()
