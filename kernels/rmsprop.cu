@@ -4,7 +4,8 @@
 //   tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel, slot
 //   blocks:  int64 [B]    = (tensor << 32) | chunk; CUDA block b updates chunk * 2048 .. + 2048 of that tensor
 //   hyper:   int64 [S, 8] = per slot (param group): lr address (LR_ON_DEVICE), then as float32 columns 2..8:
-//                           lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize)
+//                           lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize); as uint32
+//                           column 9: the stochastic-rounding seed
 // Launch with 128 threads per block (16 elements each per chunk: the per-chunk set-up, table lookups and
 // hyperparameters, is spread over twice as many elements as with 8). Dtypes, momentum/centered and the option flags are template parameters:
 // the loader instantiates one entry point per (layout, flags) with RMSPROP_KERNEL, so the hot loop tests no
@@ -24,7 +25,8 @@ typedef unsigned short u16;
 #define RMSPROP_THREADS 128
 
 enum : int { MAXIMIZE = 1, WEIGHT_DECAY = 2, EPS_IN_SQRT = 4, LR_ON_DEVICE = 8, GRAD_SCALE = 16, FOUND_INF = 32,
-             LR_IN_MOMENTUM = 64, NESTEROV = 128, DECOUPLED_WD = 256, BIAS_CORRECTION = 512, RUNTIME_FLAGS = -1 };
+             LR_IN_MOMENTUM = 64, NESTEROV = 128, DECOUPLED_WD = 256, BIAS_CORRECTION = 512,
+             STOCHASTIC_ROUNDING = 1024, RUNTIME_FLAGS = -1 };
 
 struct f16 { u16 bits; };
 struct bf16 { u16 bits; };
@@ -129,6 +131,69 @@ template <typename T, int N> __device__ __forceinline__ void store_vec(T* ptr, c
     store_global_128(ptr + k * Packet<T>::N, pack(in + k * Packet<T>::N, (T*)0));
 }
 
+// Stochastic rounding of 16-bit stores (STOCHASTIC_ROUNDING): x rounds up with probability equal to its distance
+// from the value below, in units of the 16-bit spacing, so E[round(x)] = x. Each store takes 16 random bits from
+// a counter-based hash: h = mix32(key ^ (element * 2 + pair)), key = stream_key(seed, step, tensor row); pair 0
+// feeds p (low half) and square_avg (high half), pair 1 momentum_buffer and grad_avg. The same in
+// kernels/rmsprop.py and the torch path (rmsprop_gpu/backends/torch_backend.py).
+__device__ __forceinline__ u32 mix32(u32 x) {  // "lowbias32" integer hash
+  x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
+  return x;
+}
+__device__ __forceinline__ u32 stream_key(u32 seed, u32 step, u32 row) {
+  return mix32(seed ^ mix32(step + 0x9E3779B9u * (row + 1u)));
+}
+__device__ __forceinline__ u32 pair_bits(u32 key, i64 index, u32 pair) { return mix32(key ^ ((u32)index * 2u + pair)); }
+
+template <typename T> __device__ __forceinline__ T from_float_sr(float x, u32 r16);
+template <> __device__ __forceinline__ bf16 from_float_sr<bf16>(float x, u32 r16) {
+  const u32 bits = __float_as_uint(x);
+  bf16 out;  // bf16 keeps the top 16 bits; a NaN stays a NaN (adding to its payload could carry into the sign)
+  out.bits = (bits & 0x7FFFFFFFu) > 0x7F800000u ? (u16)0x7FC0 : (u16)((bits + r16) >> 16);
+  return out;
+}
+template <> __device__ __forceinline__ f16 from_float_sr<f16>(float x, u32 r16) {
+  const u32 bits = __float_as_uint(x), mag = bits & 0x7FFFFFFFu, e = mag >> 23;
+  if (mag >= 0x7F800000u) return from_float<f16>(x);  // inf, NaN
+  if (e >= 103u) {  // |x| >= 2^-24: drop the bits below the f16 spacing (2^-24 in f16's subnormal range)
+    const u32 drop = e >= 113u ? 13u : 126u - e;  // 13..23; the random bits fill the top of the dropped field
+    const u32 noise = (r16 << 16) >> (32u - drop);
+    return from_float<f16>(__uint_as_float((bits & 0x80000000u) | ((mag + noise) & (0xFFFFFFFFu << drop))));
+  }
+  const float tiny = 5.9604644775390625e-8f;  // 2^-24, the smallest f16 subnormal
+  const float up = __uint_as_float(mag) * 16777216.0f > (float)r16 * 1.52587890625e-5f ? tiny : 0.0f;
+  return from_float<f16>((bits >> 31) ? -up : up);  // 0 or 2^-24, with probability |x| / 2^-24
+}
+template <typename T>
+__device__ __forceinline__ T store_value(float x, bool sr, u32 h, int shift) {
+  return sr ? from_float_sr<T>(x, (h >> shift) & 0xFFFFu) : from_float<T>(x);
+}
+template <> __device__ __forceinline__ float store_value<float>(float x, bool, u32, int) { return x; }
+template <int N>
+__device__ __forceinline__ void store_out(float* ptr, const float (&in)[N], bool, const u32 (&)[N], int) {
+  store_vec(ptr, in);  // float32 stores are exact: nothing to round
+}
+template <typename T, int N>  // 16-bit T
+__device__ __forceinline__ void store_out(T* ptr, const float (&in)[N], bool sr, const u32 (&h)[N], int shift) {
+  if (!sr) {
+    store_vec(ptr, in);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < N / Packet<T>::N; ++k) {
+    u32 w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int e = k * Packet<T>::N + 2 * j;
+      w[j] = (u32)from_float_sr<T>(in[e], (h[e] >> shift) & 0xFFFFu).bits |
+             ((u32)from_float_sr<T>(in[e + 1], (h[e + 1] >> shift) & 0xFFFFu).bits << 16);
+    }
+    uint4 r;
+    r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
+    store_global_128(ptr + k * Packet<T>::N, r);
+  }
+}
+
 struct Hyper {
   float lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc;
   int flags;  // FLAGS, or the `flags` argument when FLAGS == RUNTIME_FLAGS
@@ -190,6 +255,8 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   const float* hv = (const float*)slot;  // float32 columns 2..8 of the slot
   Hyper h = {(f & LR_ON_DEVICE) ? *(const float*)slot[0] : hv[2], hv[3], hv[4], hv[5], hv[6], hv[7], hv[8],
              (f & GRAD_SCALE) ? *grad_scale_ptr : 1.0f, 1.0f, f};
+  const bool sr = f & STOCHASTIC_ROUNDING;
+  const u32 key = sr ? stream_key(((const u32*)slot)[9], (u32)(int)*step, (u32)(info >> 32)) : 0u;
   if (f & BIAS_CORRECTION) {  // 1 / (1 - alpha^t), t = this step's count (the host advances it after)
     int e = (int)(*step + 1.0f);
     float base = h.alpha, acc = 1.0f;
@@ -222,10 +289,16 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const i64 i = start + (i64)(it * RMSPROP_THREADS + (int)threadIdx.x) * VEC;
-      store_vec(p + i, pv[it]);
-      store_vec(v + i, vv[it]);
-      if (MOMENTUM) store_vec(b + i, bv[it]);
-      if (CENTERED) store_vec(a + i, av[it]);
+      u32 h0[VEC], h1[VEC];  // random bits (unused ones are never computed)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        h0[k] = sr ? pair_bits(key, i + k, 0u) : 0u;
+        h1[k] = sr ? pair_bits(key, i + k, 1u) : 0u;
+      }
+      store_out(p + i, pv[it], sr, h0, 0);
+      store_out(v + i, vv[it], sr, h0, 16);
+      if (MOMENTUM) store_out(b + i, bv[it], sr, h1, 0);
+      if (CENTERED) store_out(a + i, av[it], sr, h1, 16);
     }
   } else {
     const i64 end = start + RMSPROP_BLOCK < numel ? start + RMSPROP_BLOCK : numel;
@@ -234,13 +307,15 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
       float bi = MOMENTUM ? to_float(b[i]) : 0.0f;
       float ai = CENTERED ? to_float(a[i]) : 0.0f;
       update<MOMENTUM, CENTERED>(pi, to_float(g[i]), vi, bi, ai, h);
-      p[i] = from_float<P>(pi);
-      v[i] = from_float<S>(vi);
-      if (MOMENTUM) b[i] = from_float<S>(bi);
-      if (CENTERED) a[i] = from_float<S>(ai);
+      const u32 h0 = sr ? pair_bits(key, i, 0u) : 0u, h1 = sr ? pair_bits(key, i, 1u) : 0u;
+      p[i] = store_value<P>(pi, sr, h0, 0);
+      v[i] = store_value<S>(vi, sr, h0, 16);
+      if (MOMENTUM) b[i] = store_value<S>(bi, sr, h1, 0);
+      if (CENTERED) a[i] = store_value<S>(ai, sr, h1, 16);
     }
   }
-  if (chunk == 0 && step != 0 && threadIdx.x == 0 && !(f & BIAS_CORRECTION)) *step += 1.0f;
+  // with bias correction or stochastic rounding the kernel reads the counter, and the host advances it after
+  if (chunk == 0 && step != 0 && threadIdx.x == 0 && !(f & (BIAS_CORRECTION | STOCHASTIC_ROUNDING))) *step += 1.0f;
 }
 
 // The entry point the loader appends for one (layout, flags): RMSPROP_KERNEL(name, P, S, momentum, centered, flags).

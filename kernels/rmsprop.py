@@ -28,6 +28,50 @@ def _to_storage(x, DTYPE: tl.constexpr, NATIVE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _mix32(x):
+    """"lowbias32" integer hash of uint32 values (kernels/rmsprop.cu: mix32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _stream_key(seed, step, row):
+    return _mix32(seed ^ _mix32(step + 0x9E3779B9 * (row + 1)))
+
+
+@triton.jit
+def _pair_bits(key, start, offs, PAIR: tl.constexpr):
+    """32 random bits per element: pair 0 for p (low half) and square_avg (high), 1 for momentum_buffer and
+    grad_avg (kernels/rmsprop.cu: pair_bits)."""
+    return _mix32(key ^ ((start + offs).to(tl.uint32) * 2 + PAIR))
+
+
+@triton.jit
+def _to_storage_sr(x, DTYPE: tl.constexpr, NATIVE_BF16: tl.constexpr, r16):
+    """Stochastic rounding to a 16-bit DTYPE with 16 random bits r16 (kernels/rmsprop.cu: from_float_sr): up with
+    probability equal to x's distance from the value below in units of the 16-bit spacing."""
+    bits = x.to(tl.uint32, bitcast=True)
+    if tl.bfloat16 == DTYPE:
+        out = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, (bits + r16) >> 16)  # NaN stays NaN
+        return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:  # float16
+        mag = bits & 0x7FFFFFFF
+        e = mag >> 23
+        drop = tl.where(e >= 113, 13, 126 - tl.minimum(e, 126))
+        drop = tl.minimum(drop, 23)  # (e < 103 takes the tiny path below)
+        noise = (r16 << 16) >> (32 - drop)
+        big = ((bits & 0x80000000) | ((mag + noise) & (0xFFFFFFFF << drop))).to(tl.float32, bitcast=True)
+        up = mag.to(tl.float32, bitcast=True) * 16777216.0 > r16.to(tl.float32) * 1.52587890625e-5
+        tiny = tl.where(up, 5.9604644775390625e-8, 0.0)
+        tiny = tl.where((bits >> 31) == 1, -tiny, tiny)
+        y = tl.where(mag >= 0x7F800000, x, tl.where(e >= 103, big, tiny))  # inf / NaN round as usual (exactly)
+        return y.to(tl.float16)
+
+
+@triton.jit
 def _ptr(addr, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """Scalar base pointer of this chunk: int64 math once per program, int32 offsets per element."""
     p = addr.to(tl.pointer_type(DTYPE)) + start
@@ -42,8 +86,13 @@ def _load(addr, start, offs, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _store(addr, start, offs, mask, x, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr):
-    tl.store(_ptr(addr, start, DTYPE, ALIGNED) + offs, _to_storage(x, DTYPE, NATIVE_BF16), mask=mask)
+def _store(addr, start, offs, mask, x, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
+           SR: tl.constexpr, r16):
+    if SR and tl.float32 != DTYPE:  # float32 stores are exact: nothing to round
+        y = _to_storage_sr(x, DTYPE, NATIVE_BF16, r16)
+    else:
+        y = _to_storage(x, DTYPE, NATIVE_BF16)
+    tl.store(_ptr(addr, start, DTYPE, ALIGNED) + offs, y, mask=mask)
 
 
 @triton.jit
@@ -96,14 +145,33 @@ def _update(
 
 
 @triton.jit
+def _store_tile(p, v, b, a, p_addr, v_addr, b_addr, a_addr, start, offs, mask, key,
+                P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+                SR: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr):
+    """One tile's stores; with SR, 16 random bits each from one hash per element and pair of outputs."""
+    h0 = key
+    h1 = key
+    if SR:
+        h0 = _pair_bits(key, start, offs, 0)
+        if MOMENTUM or CENTERED:
+            h1 = _pair_bits(key, start, offs, 1)
+    _store(p_addr, start, offs, mask, p, P_DTYPE, ALIGNED, NATIVE_BF16, SR, h0 & 0xFFFF)
+    _store(v_addr, start, offs, mask, v, S_DTYPE, ALIGNED, NATIVE_BF16, SR, h0 >> 16)
+    if MOMENTUM:
+        _store(b_addr, start, offs, mask, b, S_DTYPE, ALIGNED, NATIVE_BF16, SR, h1 & 0xFFFF)
+    if CENTERED:
+        _store(a_addr, start, offs, mask, a, S_DTYPE, ALIGNED, NATIVE_BF16, SR, h1 >> 16)
+
+
+@triton.jit
 def _update_chunk(
     p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
-    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
     LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-    FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The chunk as two tiles of BLOCK / 2: every load of both first (one memory wave), then the math and stores
     of one tile at a time, so only one tile's intermediates are live (the registers of 8, not 16, elements per
@@ -136,21 +204,13 @@ def _update_chunk(
     p0, v0, b0, a0 = _update(p0, g0, v0, b0, a0, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
                              grad_scale, inv_bc, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
                              LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION)
-    _store(p_addr, start, offs, m0, p0, P_DTYPE, FULL_ALIGNED, NATIVE_BF16)
-    _store(v_addr, start, offs, m0, v0, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
-    if MOMENTUM:
-        _store(b_addr, start, offs, m0, b0, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
-    if CENTERED:
-        _store(a_addr, start, offs, m0, a0, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
+    _store_tile(p0, v0, b0, a0, p_addr, v_addr, b_addr, a_addr, start, offs, m0, key, P_DTYPE, S_DTYPE, MOMENTUM,
+                CENTERED, SR, FULL_ALIGNED, NATIVE_BF16)
     p1, v1, b1, a1 = _update(p1, g1, v1, b1, a1, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
                              grad_scale, inv_bc, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
                              LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION)
-    _store(p_addr, s1, offs, m1, p1, P_DTYPE, FULL_ALIGNED, NATIVE_BF16)
-    _store(v_addr, s1, offs, m1, v1, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
-    if MOMENTUM:
-        _store(b_addr, s1, offs, m1, b1, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
-    if CENTERED:
-        _store(a_addr, s1, offs, m1, a1, S_DTYPE, FULL_ALIGNED, NATIVE_BF16)
+    _store_tile(p1, v1, b1, a1, p_addr, v_addr, b_addr, a_addr, s1, offs, m1, key, P_DTYPE, S_DTYPE, MOMENTUM,
+                CENTERED, SR, FULL_ALIGNED, NATIVE_BF16)
 
 
 @triton.jit
@@ -160,7 +220,7 @@ def _rmsprop_kernel(
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     EPS_IN_SQRT: tl.constexpr, LR_ON_DEVICE: tl.constexpr, GRAD_SCALE: tl.constexpr, FOUND_INF: tl.constexpr,
     LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-    NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr, NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     found = 0.0
     if FOUND_INF:
@@ -192,6 +252,10 @@ def _rmsprop_kernel(
         grad_scale = 1.0
         if GRAD_SCALE:
             grad_scale = tl.load(grad_scale_ptr)
+        key = tl.full((), 0, tl.uint32)
+        if STOCHASTIC_ROUNDING:  # the random stream of this tensor at this step (the host advances the counter)
+            t_now = tl.load(step_addr.to(tl.pointer_type(tl.float32))).to(tl.int32).to(tl.uint32)
+            key = _stream_key(tl.load(h + 9).to(tl.uint32, bitcast=True), t_now, (info >> 32).to(tl.uint32))
         inv_bc = 1.0
         if BIAS_CORRECTION:  # 1 / (1 - alpha^t), t = this step's count (the host advances the counter after)
             t = tl.load(step_addr.to(tl.pointer_type(tl.float32))) + 1.0
@@ -206,15 +270,17 @@ def _rmsprop_kernel(
         aligned = ((p_addr | g_addr | v_addr | b_addr | a_addr) & 15) == 0
         if aligned and (start + BLOCK <= numel):
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
-                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
+                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, True, NATIVE_BF16, BLOCK)
+                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING, True,
+                          NATIVE_BF16, BLOCK)
         else:
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
-                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
+                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, False, NATIVE_BF16, BLOCK)
-        if not BIAS_CORRECTION:  # noqa: SIM102  (constexpr; with it, the host advances the counters)
+                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING, False,
+                          NATIVE_BF16, BLOCK)
+        if not (BIAS_CORRECTION or STOCHASTIC_ROUNDING):  # noqa: SIM102  (constexpr; else the host advances them)
             if (chunk == 0) and (step_addr != 0):
                 sp = step_addr.to(tl.pointer_type(tl.float32))
                 tl.store(sp, tl.load(sp) + 1.0)

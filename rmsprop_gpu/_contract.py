@@ -40,6 +40,8 @@ class Hyper(NamedTuple):
     nesterov: bool = False  # p -= lr*g/d + m*buf (optax's nesterov trace); needs lr_in_momentum
     decoupled_weight_decay: bool = False  # p -= p*wd*lr before the update (Keras) instead of g += wd*p
     bias_correction: bool = False  # v / (1 - alpha^t) and grad_avg / (1 - alpha^t) (optax); torch backend
+    stochastic_rounding: bool = False  # 16-bit stores round stochastically (unbiased), from a seeded stream
+    sr_seed: int = 0  # the stream's seed (uint32), per param group
 
 
 @dataclass

@@ -27,7 +27,7 @@ def rmsprop(
     lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
     eps_in_sqrt=False, capturable=False, grad_scale=None, found_inf=None, foreach=None, differentiable=False,
     has_complex=False, backend=None, lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False,
-    bias_correction=False,
+    bias_correction=False, stochastic_rounding=False, sr_seed=0,
 ) -> None:
     """One RMSprop step, in place, in torch.optim.rmsprop.rmsprop's argument order (and its keywords).
 
@@ -41,11 +41,13 @@ def rmsprop(
     backend: "auto" (default, or $RMSPROP_GPU_BACKEND), "triton", "cupy" or "torch".
     lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction: other frameworks' semantics (the
     optimizer's RMSprop.keras / .tf1 / .optax set them; see the README's table).
+    stochastic_rounding, sr_seed: 16-bit params and state round stochastically on store, from a stream seeded by
+    (sr_seed, each tensor's step counter, its row in the launch, the element): needs state_steps.
     Nothing is written unless every check passes, for every group and backend.
     """
     if differentiable:
         if (eps_in_sqrt or grad_scale is not None or found_inf is not None or lr_in_momentum or nesterov
-                or decoupled_weight_decay or bias_correction):
+                or decoupled_weight_decay or bias_correction or stochastic_rounding):
             raise ValueError("differentiable=True runs torch's own step: no eps_in_sqrt, grad_scale, found_inf or "
                              "other frameworks' switches")
         from torch.optim.rmsprop import rmsprop as torch_rmsprop
@@ -58,7 +60,8 @@ def rmsprop(
         return
     validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, read_tensor_lr=not capturable)
     hyper = make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable,
-                       grad_scale, found_inf, lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction)
+                       grad_scale, found_inf, lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction,
+                       stochastic_rounding, sr_seed)
     checked = check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper,
                            foreach=foreach, backend=backend)
     for entry in prepare(checked, owned=False):  # every check and table first, then the writes
@@ -75,7 +78,8 @@ class RMSpropPlan:
             plan(lr=schedule(i), grads=new_grads)  # grads: only when they are new tensors (else omit)
 
     The lists, and the structural options (momentum > 0, centered, eps_in_sqrt, capturable, foreach,
-    backend), are fixed at construction; values (lr, alpha, eps, weight_decay, momentum, maximize) and
+    backend, the switches), are fixed at construction; values (lr, alpha, eps, weight_decay, momentum, maximize,
+    sr_seed) and
     grad_scale / found_inf are given per call. Each call confirms every address the plan holds (a tensor's
     storage swapped through .data is seen) and re-plans with the full checks when one moved; new grads of
     the same shapes, dtypes and strides only re-point the tables. Works with CuPy arrays too.
@@ -83,14 +87,16 @@ class RMSpropPlan:
 
     def __init__(self, params, grads, square_avgs, grad_avgs=None, momentum_buffer_list=None, state_steps=None,
                  *, momentum=0.0, centered=False, eps_in_sqrt=False, capturable=False, foreach=None, backend=None,
-                 lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False, bias_correction=False):
+                 lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False, bias_correction=False,
+                 stochastic_rounding=False):
         backends.requested_name(backend)
         self._grads = list(grads)
         self._fixed = [list(params), list(square_avgs), list(grad_avgs or []), list(momentum_buffer_list or []),
                        list(state_steps or [])]
         self._structure = dict(momentum=float(momentum), centered=bool(centered), eps_in_sqrt=bool(eps_in_sqrt),
                                capturable=bool(capturable))
-        self._switches = (bool(lr_in_momentum), bool(nesterov), bool(decoupled_weight_decay), bool(bias_correction))
+        self._switches = (bool(lr_in_momentum), bool(nesterov), bool(decoupled_weight_decay), bool(bias_correction),
+                          bool(stochastic_rounding))
         self._foreach, self._backend = foreach, backend
         self._entries = None
         # complex params and DTensors run as per-call views: planned on every call
@@ -103,7 +109,7 @@ class RMSpropPlan:
     @torch._disable_dynamo
     @torch.no_grad()
     def __call__(self, *, grads=None, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=None,
-                 maximize=False, grad_scale=None, found_inf=None) -> None:
+                 maximize=False, grad_scale=None, found_inf=None, sr_seed=0) -> None:
         """One step with these values; grads: the new grad tensors, when they were re-allocated."""
         st = self._structure
         momentum = st["momentum"] if momentum is None else momentum
@@ -111,7 +117,7 @@ class RMSpropPlan:
             raise ValueError("momentum > 0 is structural in a plan (the buffers are fixed): make a new RMSpropPlan")
         validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, read_tensor_lr=not st["capturable"])
         hyper = make_hyper(lr, alpha, eps, weight_decay, momentum, st["centered"], maximize, st["eps_in_sqrt"],
-                           st["capturable"], grad_scale, found_inf, *self._switches)
+                           st["capturable"], grad_scale, found_inf, *self._switches, sr_seed)
         if grads is not None:
             grads = list(grads)
             if len(grads) != len(self._grads):

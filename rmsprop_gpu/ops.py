@@ -29,7 +29,7 @@ def _plan_for(params, grads, square_avgs, grad_avgs, momentum_buffers, state_ste
         params, grads, square_avgs, grad_avgs or None, momentum_buffers or None, state_steps or None,
         momentum=momentum, centered=centered, eps_in_sqrt=eps_in_sqrt, capturable=capturable,
         backend=backend or None, lr_in_momentum=switches[0], nesterov=switches[1],
-        decoupled_weight_decay=switches[2], bias_correction=switches[3]))
+        decoupled_weight_decay=switches[2], bias_correction=switches[3], stochastic_rounding=switches[4]))
 
 
 @torch.library.custom_op("rmsprop_gpu::rmsprop_",
@@ -39,20 +39,22 @@ def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor
              alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool, maximize: bool,
              eps_in_sqrt: bool, capturable: bool, backend: str, grad_scale: Tensor | None,
              found_inf: Tensor | None, lr_in_momentum: bool = False, nesterov: bool = False,
-             decoupled_weight_decay: bool = False, bias_correction: bool = False) -> None:
+             decoupled_weight_decay: bool = False, bias_correction: bool = False, stochastic_rounding: bool = False,
+             sr_seed: int = 0) -> None:
     """One fused RMSprop step over these lists (empty grad_avgs / momentum_buffers when not used)."""
     if not params:
         return
     plan = _plan_for(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, momentum, centered,
                      eps_in_sqrt, capturable, backend,
-                     (lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction))
+                     (lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction, stochastic_rounding))
     plan(grads=grads, lr=lr_tensor if lr_tensor is not None else lr, alpha=alpha, eps=eps,
          weight_decay=weight_decay, momentum=momentum, maximize=maximize, grad_scale=grad_scale,
-         found_inf=found_inf)
+         found_inf=found_inf, sr_seed=sr_seed)
 
 
 @rmsprop_.register_fake
 def _(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, lr_tensor, alpha, eps,
       weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable, backend, grad_scale, found_inf,
-      lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False, bias_correction=False):
+      lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False, bias_correction=False,
+      stochastic_rounding=False, sr_seed=0):
     return None  # in place only: no outputs, no metadata change

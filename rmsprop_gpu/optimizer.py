@@ -12,13 +12,13 @@ from . import backends
 from ._contract import STATE_KEYS, check_float32_range, validate_hyperparameters
 from .functional import RMSpropPlan
 from .in_backward import InBackward
-from .plan import FRAMEWORK_SWITCHES, StepPlan, check_groups, make_hyper, prepare, structure
+from .plan import SWITCHES, StepPlan, check_groups, make_hyper, prepare, structure
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # values a step reads besides lr (compared by identity: a tensor lr must not be compared by value on the host)
 _lr_of = itemgetter("lr")
 _hyper_values = itemgetter("alpha", "eps", "weight_decay", "momentum", "centered", "maximize", "eps_in_sqrt",
-                           "capturable")
+                           "capturable", "sr_seed")
 
 
 class RMSprop(Optimizer):
@@ -29,6 +29,9 @@ class RMSprop(Optimizer):
       state_dtype: torch.float32 keeps square_avg / momentum_buffer / grad_avg in float32 for fp16/bf16
                    params (default None: the param's dtype, as torch does).
       backend:     "auto" (default, or $RMSPROP_GPU_BACKEND), "triton", "cupy" or "torch".
+      stochastic_rounding: 16-bit params and state (fp16, bf16) round stochastically on store (unbiased: small
+                   updates survive in expectation), from a counter-based stream of (sr_seed, step, tensor,
+                   element): reproducible per seed and step. sr_seed: an integer in [0, 2**32), per param group.
       in_backward: update during loss.backward() (rmsprop_gpu/in_backward.py): params are stepped in buckets of
                    about bucket_mb as their grads arrive, and their grads released; step() then does nothing.
                    accumulation_steps=k updates on every k-th backward.
@@ -45,16 +48,19 @@ class RMSprop(Optimizer):
                  capturable=False, foreach=None, maximize=False, differentiable=False, *,
                  eps_in_sqrt=False, state_dtype=None, backend=None, in_backward=False, bucket_mb=25,
                  accumulation_steps=1, initial_accumulator_value=0.0, lr_in_momentum=False, nesterov=False,
-                 decoupled_weight_decay=False, bias_correction=False):
+                 decoupled_weight_decay=False, bias_correction=False, stochastic_rounding=False, sr_seed=0):
         validate_hyperparameters(lr, alpha, eps, weight_decay, momentum)
         if not 0.0 <= float(initial_accumulator_value) < float("inf"):
             raise ValueError(f"Invalid initial_accumulator_value: {initial_accumulator_value}")
         if nesterov and not (momentum > 0 and lr_in_momentum):
             raise ValueError("nesterov=True needs momentum > 0 and lr_in_momentum=True (optax's trace)")
         switches = dict(lr_in_momentum=bool(lr_in_momentum), nesterov=bool(nesterov),
-                        decoupled_weight_decay=bool(decoupled_weight_decay), bias_correction=bool(bias_correction))
+                        decoupled_weight_decay=bool(decoupled_weight_decay), bias_correction=bool(bias_correction),
+                        stochastic_rounding=bool(stochastic_rounding))
         if differentiable and (any(switches.values()) or initial_accumulator_value):
-            raise ValueError("differentiable=True runs torch's own step: no other frameworks' switches")
+            raise ValueError("differentiable=True runs torch's own step: no other frameworks' switches or "
+                             "stochastic rounding")
+        make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt, sr_seed=sr_seed)
         if in_backward and differentiable:
             raise ValueError("in_backward=True cannot be differentiable: the update runs inside backward")
         if differentiable and eps_in_sqrt:
@@ -65,7 +71,8 @@ class RMSprop(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, eps_in_sqrt=eps_in_sqrt, state_dtype=state_dtype,
-                        backend=backend, initial_accumulator_value=float(initial_accumulator_value), **switches)
+                        backend=backend, initial_accumulator_value=float(initial_accumulator_value), **switches,
+                        sr_seed=sr_seed)
         self._in_backward = InBackward(self, bucket_mb, accumulation_steps) if in_backward else None
         super().__init__(params, defaults)
 
@@ -105,7 +112,7 @@ class RMSprop(Optimizer):
             for key, default in (("momentum", 0), ("centered", False), ("foreach", None), ("maximize", False),
                                  ("differentiable", False), ("capturable", False), ("eps_in_sqrt", False),
                                  ("state_dtype", None), ("backend", None), ("initial_accumulator_value", 0.0),
-                                 *((k, False) for k in FRAMEWORK_SWITCHES)):
+                                 ("sr_seed", 0), *((k, False) for k in SWITCHES)):
                 group.setdefault(key, default)
 
     @staticmethod
@@ -187,7 +194,7 @@ class RMSprop(Optimizer):
                 float(group["alpha"]), float(group["eps"]), float(group["weight_decay"]), float(group["momentum"]),
                 bool(group["centered"]), bool(group["maximize"]), bool(group["eps_in_sqrt"]),
                 bool(group["capturable"]), group["backend"] or "", grad_scale, found_inf,
-                *(bool(group[k]) for k in FRAMEWORK_SWITCHES))
+                *(bool(group[k]) for k in SWITCHES), int(group["sr_seed"]))
         return loss
 
     @torch._disable_dynamo  # eager only (step() never calls it while compiling); lazy: dynamo loads on first call
@@ -223,7 +230,7 @@ class RMSprop(Optimizer):
     def _hyper(self, group, grad_scale=None, found_inf=None):
         return make_hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
                           group["centered"], group["maximize"], group["eps_in_sqrt"], group["capturable"],
-                          grad_scale, found_inf, *(group[k] for k in FRAMEWORK_SWITCHES))
+                          grad_scale, found_inf, *(group[k] for k in SWITCHES), group["sr_seed"])
 
     def _build_plan(self) -> StepPlan:
         """Every check of every group, then tables; new state is committed only when all of it passed."""
@@ -233,9 +240,9 @@ class RMSprop(Optimizer):
         for gi, group in enumerate(self.param_groups):
             t = self._gather(group, pending)
             if group["differentiable"]:
-                if group["eps_in_sqrt"] or any(group[k] for k in FRAMEWORK_SWITCHES):
-                    raise ValueError("eps_in_sqrt=True and other frameworks' switches have no differentiable "
-                                     "reference step in torch")
+                if group["eps_in_sqrt"] or any(group[k] for k in SWITCHES):
+                    raise ValueError("eps_in_sqrt=True, other frameworks' switches and stochastic rounding have no "
+                                     "differentiable reference step in torch")
                 plan.entries.append(_ReferenceEntry(gi))
             elif t["params"]:
                 validate_hyperparameters(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
@@ -308,7 +315,8 @@ class RMSprop(Optimizer):
             key = (gi, tuple(map(id, t["params"])), structure(group))
             plan = ib.plans.get(key, tensors, functools.partial(_bucket_plan, t, group))
             plan(grads=t["grads"], lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
-                 weight_decay=group["weight_decay"], momentum=group["momentum"], maximize=group["maximize"])
+                 weight_decay=group["weight_decay"], momentum=group["momentum"], maximize=group["maximize"],
+                 sr_seed=group["sr_seed"])
 
     def load_state_dict(self, state_dict) -> None:
         """torch's load_state_dict after torch's pre-hooks, refusing state that does not fit the params before
@@ -368,7 +376,7 @@ def _bucket_plan(t: dict, group: dict) -> RMSpropPlan:
                        t["momentum_buffers"] or None, t["steps"], momentum=group["momentum"],
                        centered=group["centered"], eps_in_sqrt=group["eps_in_sqrt"], capturable=group["capturable"],
                        foreach=group["foreach"], backend=group["backend"],
-                       **{k: group[k] for k in FRAMEWORK_SWITCHES})
+                       **{k: group[k] for k in SWITCHES})
 
 
 class _ReferenceEntry:

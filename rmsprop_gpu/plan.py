@@ -17,17 +17,18 @@ from itertools import chain, repeat
 from operator import attrgetter, is_, itemgetter
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import backends
-from ._contract import Group, Hyper, build_groups, check_float32_range
+from ._contract import SIXTEEN_BIT, Group, Hyper, build_groups, check_float32_range
 
 _data_ptr = torch.Tensor.data_ptr
 
 
 def make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable=False,
                grad_scale=None, found_inf=None, lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False,
-               bias_correction=False) -> Hyper:
+               bias_correction=False, stochastic_rounding=False, sr_seed=0) -> Hyper:
     """Normalized run-time values: Python floats and bools (numpy scalars accepted), a 0-dim lr tensor."""
     if isinstance(lr, torch.Tensor):
         lr = lr.reshape(()) if lr.dim() else lr  # a view: a scheduler's in-place update stays visible
@@ -35,7 +36,14 @@ def make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_i
         lr = float(lr)
     return Hyper(lr, float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered),
                  bool(maximize), bool(eps_in_sqrt), bool(capturable), grad_scale, found_inf, bool(lr_in_momentum),
-                 bool(nesterov), bool(decoupled_weight_decay), bool(bias_correction))
+                 bool(nesterov), bool(decoupled_weight_decay), bool(bias_correction), bool(stochastic_rounding),
+                 _seed(sr_seed))
+
+
+def _seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        raise ValueError(f"Invalid sr_seed: {seed!r} (an integer in [0, 2**32))")
+    return int(seed)
 
 
 @dataclass
@@ -55,11 +63,17 @@ def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, st
     """Check everything and choose a backend per group, writing nothing. Raises on any problem."""
     if hyper.bias_correction and not state_steps:
         raise ValueError("bias_correction=True needs state_steps (the step count of each param)")
+    if hyper.stochastic_rounding and not state_steps:
+        raise ValueError("stochastic_rounding=True needs state_steps (each param's step count seeds its stream)")
     if hyper.nesterov and not (hyper.momentum > 0 and hyper.lr_in_momentum):
         raise ValueError("nesterov=True needs momentum > 0 and lr_in_momentum=True (optax's trace)")
     groups = build_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper)
+    if hyper.stochastic_rounding and not any(g.param_dtype in SIXTEEN_BIT or g.state_dtype in SIXTEEN_BIT
+                                              for g in groups):
+        raise ValueError("stochastic_rounding=True rounds 16-bit (float16 / bfloat16) params or state; this param "
+                         "group has none")
     for g in groups:
-        g.read_steps = hyper.bias_correction
+        g.read_steps = hyper.bias_correction or hyper.stochastic_rounding
     if foreach is False:  # torch's for-loop layout: one launch per tensor
         groups = [one for g in groups for one in g.split()]
     out = []
@@ -101,7 +115,7 @@ def _launch_key(c: Checked):
     lr_on_device = isinstance(h.lr, torch.Tensor) and h.lr.device == g.device
     return (c.backend.name, g.device, g.param_dtype, g.state_dtype, g.momentum_buffers is not None,
             g.grad_avgs is not None, g.steps is not None, h.eps_in_sqrt, lr_on_device, type(g.params[0]),
-            h.lr_in_momentum, h.nesterov, h.decoupled_weight_decay, h.bias_correction)
+            h.lr_in_momentum, h.nesterov, h.decoupled_weight_decay, h.bias_correction, h.stochastic_rounding)
 
 
 def prepare(checked: list[Checked], owned: bool = True) -> list[Entry]:
@@ -125,12 +139,13 @@ def structure(group: dict) -> tuple:
     return (group["momentum"] > 0, bool(group["centered"]), bool(group.get("eps_in_sqrt", False)),
             bool(group["capturable"]), group["foreach"], group["backend"], group.get("state_dtype"),
             bool(group["differentiable"]), _lr_kind(group["lr"]),
-            *(bool(group.get(k, False)) for k in FRAMEWORK_SWITCHES))
+            *(bool(group.get(k, False)) for k in SWITCHES))
 
 
-FRAMEWORK_SWITCHES = ("lr_in_momentum", "nesterov", "decoupled_weight_decay", "bias_correction")
+# switches that change the launch (other frameworks' semantics, stochastic rounding): part of structure()
+SWITCHES = ("lr_in_momentum", "nesterov", "decoupled_weight_decay", "bias_correction", "stochastic_rounding")
 _structure_raw = itemgetter("momentum", "centered", "eps_in_sqrt", "capturable", "foreach", "backend", "state_dtype",
-                            "differentiable", *FRAMEWORK_SWITCHES)  # options, C-speed; structure() judges changes
+                            "differentiable", *SWITCHES)  # options, C-speed; structure() judges changes
 _params_of = itemgetter("params")
 _lr_of = itemgetter("lr")
 _grad = attrgetter("grad")

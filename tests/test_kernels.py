@@ -14,7 +14,7 @@ from rmsprop_gpu import rmsprop, sass
 from rmsprop_gpu.backends import BACKENDS
 from rmsprop_gpu.backends._tables import BLOCK, build_tables
 from rmsprop_gpu.backends.triton_backend import constexprs
-from rmsprop_gpu.kernel_report import FLAG_SETS, ISSUE_BUDGET, KNOWN_SPILLS, minimum_bytes, problems
+from rmsprop_gpu.kernel_report import FLAG_SETS, ISSUE_BUDGET, KNOWN_SPILLS, OPT_IN_COST, minimum_bytes, problems
 
 KERNEL_BACKENDS = ["triton", "cupy"]
 
@@ -179,7 +179,10 @@ def test_full_chunk_path_one_load_wave_no_slow_path_calls(static_report):
     rows, _ = static_report
     for r in rows:
         name = f'{r["backend"]} {r["kernel"]} {r["arch"]}'
-        assert r["load_waves"] == 1 and r["slow_calls"] == 0, name
+        assert r["slow_calls"] == 0, name
+        if r["flag_set"] in OPT_IN_COST:
+            continue
+        assert r["load_waves"] == 1, name
         lo, _ = minimum_bytes(r["params"], r["state"], r["variant"] != "plain" and "momentum" in r["variant"],
                               "centered" in r["variant"])
         assert r["bytes_before_wait"] == lo * r["elems_per_thread"], name  # every data load before any math

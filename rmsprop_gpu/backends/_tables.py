@@ -8,8 +8,8 @@ block list:   int64 [B]: (tensor index << 32) | chunk index; a kernel program / 
               at least one block, so zero-element tensors still get their step counter advanced.
 hyper table:  int64 [S, HYPER_ROW], read as float32 [S, 2 * HYPER_ROW] too: int64 column 0 holds the address
               of a device lr (LR_ON_DEVICE); float32 columns H_LR.. hold lr, alpha, 1 - alpha, eps,
-              weight_decay, momentum and the gradient's sign (-1 for maximize). 40 param groups of one layout
-              are one launch with 40 slots.
+              weight_decay, momentum and the gradient's sign (-1 for maximize); uint32 column H_SEED the
+              stochastic-rounding seed. 40 param groups of one layout are one launch with 40 slots.
 
 The tensor and block tables are built on the host once per set of addresses and uploaded without a host
 sync; the hyper table is persistent and rewritten (uploaded) only when a value changes, e.g. a scheduler's lr.
@@ -35,11 +35,12 @@ BLOCK = 2048  # elements per program (Triton) / per CUDA block (128 threads x 16
 ROW = 8  # int64 fields per tensor: p, g, v, buf, grad_avg, step, numel, slot
 HYPER_ROW = 8  # int64 fields per slot (16 float32)
 H_LR, H_ALPHA, H_ONE_MINUS_ALPHA, H_EPS, H_WEIGHT_DECAY, H_MOMENTUM, H_SIGN = range(2, 9)  # float32 columns
+H_SEED = 9  # uint32 column
 KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 
 # flag bits (the CUDA kernel reads them at run time; Triton turns each into a constexpr)
 (MAXIMIZE, WEIGHT_DECAY, EPS_IN_SQRT, LR_ON_DEVICE, GRAD_SCALE, FOUND_INF, LR_IN_MOMENTUM, NESTEROV,
- DECOUPLED_WD, BIAS_CORRECTION) = (1 << i for i in range(10))
+ DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING) = (1 << i for i in range(11))
 
 
 def variant_flags(hypers: list[Hyper], lr_on_device: bool) -> int:
@@ -57,13 +58,15 @@ def variant_flags(hypers: list[Hyper], lr_on_device: bool) -> int:
         | (NESTEROV if h.nesterov else 0)
         | (DECOUPLED_WD if h.decoupled_weight_decay else 0)
         | (BIAS_CORRECTION if h.bias_correction else 0)
+        | (STOCHASTIC_ROUNDING if h.stochastic_rounding else 0)
     )
 
 
 def kernel_unsupported_reason(group: Group, hyper: Hyper | None = None) -> str | None:
-    if hyper is not None and hyper.bias_correction and any(
+    if hyper is not None and (hyper.bias_correction or hyper.stochastic_rounding) and any(
             s.device != group.device or s.dtype != torch.float32 for s in group.steps or ()):
-        return "bias_correction=True needs float32 step counters on the params' device (the kernel reads them)"
+        return ("bias_correction / stochastic_rounding need float32 step counters on the params' device (the "
+                "kernel reads them)")
     if group.param_dtype not in KERNEL_DTYPES:
         return f"params of dtype {group.param_dtype} (kernels take {', '.join(KERNEL_DTYPES)})"
     return None
@@ -170,10 +173,11 @@ class HyperTable:
                 "of the warm-up step, and give lr as a CUDA tensor (capturable=True) to change it between replays."
             )
         a = np.zeros((len(values), HYPER_ROW), dtype=np.int64)
-        f = a.view(np.float32)
-        for s, (lr_addr, *vals) in enumerate(values):
+        f, u = a.view(np.float32), a.view(np.uint32)
+        for s, (lr_addr, seed, *vals) in enumerate(values):
             a[s, 0] = lr_addr
             f[s, H_LR: H_LR + len(vals)] = vals
+            u[s, H_SEED] = seed  # raw bits (a float32 round trip could change a NaN pattern)
         self._upload(a, group, out=self.buffer)
         self.values, self.keep = values, keep
         self._stats.hyper_uploads += 1
@@ -260,7 +264,7 @@ def launch_args(launch: Launch, group: Group, hypers: list[Hyper]) -> tuple[int,
             lr_t = _device_scalar(lr, group.device)
             keep.append(lr_t)
             lr, lr_addr = 0.0, arr.ptr(lr_t)
-        values.append((lr_addr, float(lr), h.alpha, 1.0 - h.alpha, h.eps, h.weight_decay, h.momentum,
+        values.append((lr_addr, h.sr_seed, float(lr), h.alpha, 1.0 - h.alpha, h.eps, h.weight_decay, h.momentum,
                        -1.0 if h.maximize else 1.0))
     launch.hyper.write(group, tuple(values), keep)
     h = hypers[0]
@@ -313,7 +317,7 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
             s = group.steps[i]
             if s.device == group.device and s.dtype == torch.float32 and s.is_contiguous():
                 step_ptr = s.data_ptr()
-            if group.read_steps or not step_ptr:  # bias correction: the kernel reads it, the host advances it after
+            if group.read_steps or not step_ptr:  # bias correction, SR: the kernel reads it, the host advances it
                 host_steps.append(s)
         rows.append((*(arr.ptr(x) if x is not None else 0 for x in row), step_ptr, arr.numel(p),
                      group.slots[i] if group.slots is not None else 0))

@@ -19,6 +19,57 @@ _TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32,
                  "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+M32 = 0xFFFFFFFF
+SR_CHUNK = 1 << 22  # elements per stochastic-rounding pass (int64 temporaries)
+
+
+def mix32(x):
+    """The kernels' "lowbias32" hash (kernels/rmsprop.cu: mix32) on Python ints or int64 tensors of uint32s."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def stream_key(seed: int, step: int, row: int) -> int:
+    """The random stream of one tensor at one step (kernels: stream_key)."""
+    return mix32(seed ^ mix32((step + 0x9E3779B9 * (row + 1)) & M32))
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: int, output: int) -> torch.Tensor:
+    """float32 x (flat, in memory order) -> dtype (float16 / bfloat16), rounded stochastically exactly as the
+    kernels do (kernels/rmsprop.cu: from_float_sr): element i's output o (0 p, 1 square_avg, 2 momentum_buffer,
+    3 grad_avg) takes 16 bits of mix32(key ^ (i * 2 + o // 2)), the low half for even o."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for lo in range(0, x.numel(), SR_CHUNK):
+        xs = x[lo:lo + SR_CHUNK]
+        idx = torch.arange(lo, lo + xs.numel(), device=x.device, dtype=torch.int64)
+        r16 = (mix32(key ^ ((idx * 2 + output // 2) & M32)) >> (16 * (output % 2))) & 0xFFFF
+        bits = xs.view(torch.int32).to(torch.int64) & M32
+        if dtype == torch.bfloat16:
+            y = torch.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, ((bits + r16) >> 16) & 0xFFFF)
+            y = y.to(torch.int32).to(torch.int16).view(torch.bfloat16)
+        else:
+            mag, sign = bits & 0x7FFFFFFF, bits & 0x80000000
+            e = mag >> 23
+            drop = torch.where(e >= 113, 13, 126 - e.clamp(max=126)).clamp(max=23)
+            noise = ((r16 << 16) & M32) >> (32 - drop)
+            keep = (M32 << drop) & M32
+            big = (sign | ((mag + noise) & keep)).to(torch.int32).view(torch.float32)  # exact in float16
+            up = mag.to(torch.int32).view(torch.float32) * 16777216.0 > r16.to(torch.float32) * 2.0**-16
+            tiny = torch.where(up, 2.0**-24, 0.0).to(torch.float32)
+            tiny = torch.where(sign != 0, -tiny, tiny)
+            y = torch.where(mag >= 0x7F800000, xs, torch.where(e >= 103, big, tiny)).to(dtype)
+        out[lo:lo + SR_CHUNK] = y
+    return out
+
+
+def _memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    """Dims from the largest stride to the smallest: t.permute(order) is contiguous for a dense t."""
+    return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+
+
 def _compute_copies(ts: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     """ts itself when it already has the compute dtype (a group's lists are homogeneous), else float copies."""
     if not ts or ts[0].dtype == dtype:
@@ -76,12 +127,12 @@ class TorchBackend(Backend):
         found_inf = hypers[0].found_inf
         if found_inf is not None and bool(found_inf.item() != 0):  # reference path: a host read is fine here
             return
-        if len(hypers) == 1 and not hypers[0].bias_correction:
+        if len(hypers) == 1 and not group.read_steps:
             for batch in prepared:
                 self._math(batch, hypers[0])
-        else:  # one hyper per slot; bias correction reads each tensor's step, so whole tensors
+        else:  # one hyper per slot; bias correction and SR read each tensor's step, so whole tensors
             for g, h in group.by_slot(hypers):
-                for batch in (cache_batches(g) if not h.bias_correction else [g]):
+                for batch in (cache_batches(g) if not g.read_steps else [g]):
                     self._math(batch, h)
         advance_steps(group.steps, None)
 
@@ -156,6 +207,16 @@ class TorchBackend(Backend):
         else:
             torch._foreach_addcdiv_(P, G, denom, value=-lr)  # p - lr * (g / d), as torch: no update temporary
 
-        for dst, src in ((params, P), (vs, V), (group.momentum_buffers, B), (group.grad_avgs, A)):
-            if src is not None and src is not dst:  # 16-bit storage: round the float32 results once
+        outputs = ((params, P), (vs, V), (group.momentum_buffers, B), (group.grad_avgs, A))
+        for out_id, (dst, src) in enumerate(outputs):
+            if src is None or src is dst:
+                continue
+            if hyper.stochastic_rounding and dst[0].dtype in (torch.float16, torch.bfloat16):
+                for row, (d, x, s) in enumerate(zip(dst, src, group.steps)):
+                    key = stream_key(hyper.sr_seed, int(s), row)  # a host read: the reference path
+                    order = _memory_order(d)
+                    flat = x.permute(order).reshape(-1)
+                    d.permute(order).copy_(stochastic_round(flat, d.dtype, key, out_id).view(
+                        d.permute(order).shape))
+            else:  # 16-bit storage: round the float32 results once
                 torch._foreach_copy_(dst, src)

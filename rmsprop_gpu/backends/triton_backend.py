@@ -26,6 +26,7 @@ from ._tables import (
     LR_ON_DEVICE,
     MAXIMIZE,
     NESTEROV,
+    STOCHASTIC_ROUNDING,
     WEIGHT_DECAY,
     TableCache,
     kernel_unsupported_reason,
@@ -60,7 +61,7 @@ def constexprs(param_dtype: str, state_dtype: str, flags: int, momentum: bool, c
         LR_ON_DEVICE=bool(flags & LR_ON_DEVICE), GRAD_SCALE=bool(flags & GRAD_SCALE),
         FOUND_INF=bool(flags & FOUND_INF), LR_IN_MOMENTUM=bool(flags & LR_IN_MOMENTUM),
         NESTEROV=bool(flags & NESTEROV), DECOUPLED_WD=bool(flags & DECOUPLED_WD),
-        BIAS_CORRECTION=bool(flags & BIAS_CORRECTION),
+        BIAS_CORRECTION=bool(flags & BIAS_CORRECTION), STOCHASTIC_ROUNDING=bool(flags & STOCHASTIC_ROUNDING),
         NATIVE_BF16=not interpreting() if native_bf16 is None else native_bf16, BLOCK=BLOCK,
     )
 

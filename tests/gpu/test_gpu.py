@@ -446,6 +446,34 @@ def test_capturing_a_cold_optimizer_says_warm_up(backend):
         opt.step()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_stochastic_rounding_on_device_matches_the_specified_stream(dtype):
+    """Both compiled kernels round with the stream tests/test_rounding.py specifies (bit for bit on values whose
+    float32 math is exact), unaligned tail included, and the rounding is unbiased on the device."""
+    from tests.test_rounding import exact_case, reference_round
+
+    dt = getattr(torch, dtype)
+    case = [t.to(DEVICE) for t in exact_case(1, 3 * 2048 + 5, dt)]
+    for backend in KERNELS:
+        p, g, v, buf = (t.clone() for t in case)
+        st = torch.full((), 4.0, device=DEVICE)
+        rmsprop_gpu.rmsprop([p], [g], [v], None, [buf], [st], lr=2**-6, alpha=1.0, eps=0.0, momentum=0.5,
+                            backend=backend, stochastic_rounding=True, sr_seed=123)
+        p0, g0, v0, b0 = (t.double().cpu().numpy() for t in case)
+        b_new = (0.5 * b0 + g0 / v0**0.5).astype("float32")
+        p_new = (p0 - 2**-6 * b_new.astype("float64")).astype("float32")
+        assert float(st) == 5.0
+        assert (buf.double().cpu().numpy() == reference_round(b_new, dtype, 123, 4, 0, 2)).all(), backend
+        assert (p.double().cpu().numpy() == reference_round(p_new, dtype, 123, 4, 0, 0)).all(), backend
+        n = 1 << 16
+        q = torch.ones(n, dtype=dt, device=DEVICE)
+        steps = [torch.zeros((), device=DEVICE)]
+        rmsprop_gpu.rmsprop([q], [torch.ones_like(q)], [torch.ones_like(q)], state_steps=steps, lr=2**-10,
+                            alpha=1.0, eps=0.0, backend=backend, stochastic_rounding=True, sr_seed=9)
+        spacing = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
+        assert abs(q.double().mean().item() - (1 - 2**-10)) < 5 * spacing * 0.5 / n**0.5, backend
+
+
 @cuda_only
 @pytest.mark.parametrize("backend", KERNELS)
 def test_compiled_training_step_reduce_overhead(backend):

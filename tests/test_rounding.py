@@ -1,0 +1,228 @@
+"""Stochastic rounding of 16-bit stores (stochastic_rounding=True): unbiased, the same stream on every backend
+(checked bit for bit against an independent numpy implementation), reproducible per seed and step, resumable,
+and refused where it cannot apply."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import rmsprop_gpu
+from rmsprop_gpu import rmsprop
+
+BACKENDS = ["torch", "triton", "cupy"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------- an independent reference (numpy, uint32)
+def _mix32(x):
+    x = np.asarray(x, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
+
+
+def reference_round(x32: np.ndarray, dtype: str, seed: int, step: int, row: int, output: int) -> np.ndarray:
+    """Stochastic rounding of float32 values (memory order) as specified in kernels/rmsprop.cu, from scratch:
+    16 random bits u per store; the value rounds up iff u >= (1 - frac) * 2^16 at the 16-bit spacing (frac: the
+    distance from the value below, in spacings), i.e. with probability frac (to 2^-16 below f16's normal range)."""
+    with np.errstate(over="ignore"):
+        key = _mix32(np.uint32(seed) ^ _mix32(np.uint32(step) + np.uint32(0x9E3779B9) * np.uint32(row + 1)))
+        idx = np.arange(x32.size, dtype=np.uint32)
+        h = _mix32(key ^ (idx * np.uint32(2) + np.uint32(output // 2)))
+    u = ((h >> np.uint32(16 * (output % 2))) & np.uint32(0xFFFF)).astype(np.int64)
+    out = np.empty(x32.size, dtype=np.float64)
+    for i in range(x32.size):
+        x = float(x32[i])
+        if np.isnan(x) or np.isinf(x) or x == 0:
+            out[i] = x
+            continue
+        if dtype == "bfloat16":
+            quantum = 2.0 ** (np.floor(np.log2(abs(x))) - 7)
+        else:
+            quantum = max(2.0 ** (np.floor(np.log2(abs(x))) - 10), 2.0**-24)
+        lower = np.floor(abs(x) / quantum) * quantum
+        frac = (abs(x) - lower) / quantum  # exact in float64
+        bits = int(round(frac * 2**23))  # frac has at most 23 bits here
+        if dtype == "float16" and abs(x) < 2.0**-24:
+            up = abs(x) * 2**24 > u[i] * 2.0**-16
+        else:  # the kernels add u at the top of the dropped bits and truncate
+            drop = 16 if dtype == "bfloat16" else (13 if abs(x) >= 2.0**-14 else
+                                                    int(-24 - (np.floor(np.log2(abs(x))) - 23)))
+            dropped = bits >> (23 - drop) if drop <= 23 else bits
+            noise = (u[i] << 16) >> (32 - drop)
+            up = dropped + noise >= 2**drop
+        out[i] = np.copysign(lower + quantum * up, x)
+    return out
+
+
+# ---------------------------------------------------------------- helpers
+def exact_case(seed, n, dtype, state_dtype=None):
+    """alpha=1, eps=0, v a power of 4, lr and momentum powers of 2: every backend's float32 math is exact up to
+    the one rounding of the final add, so the values before the 16-bit store agree bit for bit and only the
+    rounding is compared."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = state_dtype or dtype
+    p = torch.randn(n, generator=gen).to(dtype)
+    g = torch.randn(n, generator=gen).to(dtype)
+    v = (4.0 ** torch.randint(-3, 3, (n,), generator=gen)).to(sd)
+    buf = torch.randn(n, generator=gen).to(sd)
+    return p, g, v, buf
+
+
+def run(backend, case, step=0, seed=123, momentum=0.0):
+    p, g, v, buf = (t.clone() for t in case)
+    st = torch.full((), float(step))
+    rmsprop([p], [g], [v], None, [buf] if momentum else None, [st], lr=2**-6, alpha=1.0, eps=0.0,
+            momentum=momentum, backend=backend, stochastic_rounding=True, sr_seed=seed)
+    return p, v, buf, st
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_every_backend_rounds_with_the_specified_stream_bit_for_bit(backend, dtype):
+    dt = DTYPES[dtype]
+    case = exact_case(1, 4099, dt)  # two full chunks and an unaligned tail
+    step = 5
+    p, v, buf, st = run(backend, case, step=step, momentum=0.5)
+    p0, g0, v0, b0 = (t.double().numpy() for t in case)
+    d = np.sqrt(v0)
+    b_new = (0.5 * b0 + g0 / d).astype(np.float32)  # exact in float64, then the one float32 rounding
+    p_new = (p0 - 2**-6 * b_new.astype(np.float64)).astype(np.float32)  # (the float32 buffer, before its store)
+    assert float(st) == step + 1
+    np.testing.assert_array_equal(buf.double().numpy(), reference_round(b_new, dtype, 123, step, 0, 2))
+    np.testing.assert_array_equal(p.double().numpy(), reference_round(p_new, dtype, 123, step, 0, 0))
+    np.testing.assert_array_equal(v.double().numpy(), v0)  # alpha = 1: v unchanged, exactly representable
+    rne = torch.from_numpy(p_new).to(dt).double().numpy()
+    assert (p.double().numpy() != rne).mean() > 0.2  # it is not round-to-nearest
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, p0, g0, lr", [("bfloat16", 1.0, 1.0, 2**-10), ("float16", 1.0, 0.25, 2**-10),
+                                               ("float16", 2.0**-20, 2.0**-20, 2**-10),
+                                               ("float16", 2.0**-24, 2.0**-24, 0.5)],
+                         ids=["bf16", "f16", "f16_subnormal", "f16_below_smallest"])
+def test_stochastic_rounding_is_unbiased(backend, dtype, p0, g0, lr):
+    """2**16 copies of one update that falls between two 16-bit values: the mean of the rounded results is the
+    exact value within 5 standard errors; round-to-nearest would be off by far more."""
+    dt, n = DTYPES[dtype], 1 << 16
+    p = torch.full((n,), p0, dtype=dt)
+    g = torch.full((n,), g0, dtype=dt)
+    st = torch.zeros(())
+    rmsprop([p], [g], [torch.ones(n, dtype=dt)], state_steps=[st], lr=lr, alpha=1.0, eps=0.0, backend=backend,
+            stochastic_rounding=True, sr_seed=99)
+    exact = torch.tensor(p0, dtype=torch.float32).double().item() - lr * torch.tensor(g0, dtype=dt).double().item()
+    lo, hi = p.double().min().item(), p.double().max().item()
+    assert lo < hi and lo <= exact <= hi  # the two neighbours, both taken
+    frac = (exact - lo) / (hi - lo)
+    bound = 5 * (hi - lo) * (frac * (1 - frac)) ** 0.5 / n**0.5
+    assert abs(p.double().mean().item() - exact) <= bound
+    nearest = torch.tensor(exact, dtype=torch.float64).to(dt).double().item()
+    assert abs(nearest - exact) > 5 * bound  # the test can tell SR from round-to-nearest
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_stream_depends_on_seed_and_step_and_repeats_exactly(backend):
+    case = exact_case(2, 3000, torch.bfloat16)
+    a = run(backend, case, step=3, seed=1)[0]
+    assert torch.equal(a, run(backend, case, step=3, seed=1)[0])
+    assert not torch.equal(a, run(backend, case, step=3, seed=2)[0])
+    assert not torch.equal(a, run(backend, case, step=4, seed=1)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", [dict(), dict(momentum=0.9, centered=True)], ids=["plain", "centered_momentum"])
+def test_optimizer_with_16_bit_state_stays_within_one_spacing_of_float64(backend, variant):
+    """Generic hyperparameters, every state in bf16: each stored value is one of the two bf16 neighbours of the
+    float64 oracle's value (float32 math error aside), params and states alike."""
+    from tests.oracle import reference_step
+
+    gen = torch.Generator().manual_seed(3)
+    p = torch.randn(5000, generator=gen).bfloat16()
+    opt = rmsprop_gpu.RMSprop([p], lr=0.01, weight_decay=0.01, backend=backend, stochastic_rounding=True,
+                              sr_seed=5, **variant)
+    p.grad = torch.randn(5000, generator=gen).bfloat16()
+    p_before = p.double()
+    opt.step()
+    st = opt.state[p]
+    zeros = torch.zeros(5000, dtype=torch.float64)
+    ref = reference_step(p_before, p.grad.double(), zeros, zeros if variant else None, zeros if variant else None,
+                         lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.01, **variant)
+    names = ("param", "square_avg", "momentum_buffer", "grad_avg")
+    for name, want in zip(names, ref):
+        if want is None:
+            continue
+        got = p if name == "param" else st[name]
+        assert got.dtype == torch.bfloat16
+        spacing = 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(2.0**-126))) - 7)
+        err = (got.double() - want).abs()
+        assert (err <= spacing * 1.01 + 1e-30).all(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_from_a_checkpoint_is_bit_identical(backend):
+    gen = torch.Generator().manual_seed(4)
+    p = torch.randn(3000, generator=gen).bfloat16()
+    grads = [torch.randn(3000, generator=gen).bfloat16() for _ in range(6)]
+    kw = dict(lr=0.01, momentum=0.9, backend=backend, stochastic_rounding=True, sr_seed=11)
+
+    def steps(opt, param, ks):
+        for k in ks:
+            param.grad = grads[k].clone()
+            opt.step()
+
+    q = p.clone()
+    a = rmsprop_gpu.RMSprop([p], **kw)
+    steps(a, p, range(6))
+    b = rmsprop_gpu.RMSprop([q], **kw)
+    steps(b, q, range(3))
+    saved = copy.deepcopy(b.state_dict())
+    assert saved["param_groups"][0]["stochastic_rounding"] and saved["param_groups"][0]["sr_seed"] == 11
+    c = rmsprop_gpu.RMSprop([q], **{**kw, "sr_seed": 0})
+    c.load_state_dict(saved)
+    steps(c, q, range(3, 6))
+    assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+    for key, x in a.state[p].items():
+        assert torch.equal(x, c.state[q][key]), key
+
+
+def test_refusals_are_clear():
+    p = torch.randn(8).bfloat16()
+    g, v = torch.randn(8).bfloat16(), torch.zeros(8).bfloat16()
+    with pytest.raises(ValueError, match="needs state_steps"):
+        rmsprop([p], [g], [v], stochastic_rounding=True)
+    with pytest.raises(ValueError, match="16-bit"):
+        rmsprop([torch.randn(8)], [torch.randn(8)], [torch.zeros(8)], state_steps=[torch.zeros(())],
+                stochastic_rounding=True)
+    for bad in (-1, 2**32, 1.5, True):
+        with pytest.raises(ValueError, match="sr_seed"):
+            rmsprop_gpu.RMSprop([p], stochastic_rounding=True, sr_seed=bad)
+    with pytest.raises(ValueError, match="stochastic rounding"):
+        rmsprop_gpu.RMSprop([p], stochastic_rounding=True, differentiable=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_rounds_like_the_eager_step(backend):
+    """torch.compile(opt.step, fullgraph=True) carries stochastic_rounding and sr_seed into the custom op."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    gen = torch.Generator().manual_seed(6)
+    a = [torch.randn(2100, generator=gen).bfloat16(), torch.randn(7, 3, generator=gen).bfloat16()]
+    b = [p.clone() for p in a]
+    kw = dict(lr=0.01, momentum=0.9, backend=backend, stochastic_rounding=True, sr_seed=77)
+    ours, ref = rmsprop_gpu.RMSprop(a, **kw), rmsprop_gpu.RMSprop(b, **kw)
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(ours.step, fullgraph=True, backend=counter)
+    for _ in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+            q.grad = p.grad.clone()
+        step()
+        ref.step()
+    assert counter.frame_count <= 2
+    for p, q in zip(a, b):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16))
