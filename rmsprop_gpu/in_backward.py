@@ -9,8 +9,9 @@ once: peak memory drops by up to the size of all gradients.
 With DDP a grad is ready for the param hook before it is all-reduced: opt.attach_ddp(ddp_model) replaces the
 param hooks by a DDP comm hook that all-reduces each DDP bucket and then steps its params with the reduced
 grads (DDP keeps its grad buckets, so there is no memory to save, but the update overlaps the backward). In a
-run with more than one rank, a backward without attach_ddp raises. FSDP2 (DTensor params) is refused: its
-reduce-scattered grads do not pass through a hook this module can use.
+run with more than one rank, a backward without attach_ddp raises. FSDP2 (fully_shard: DTensor params) needs
+nothing: it calls a sharded param's post-accumulate-grad hooks after the reduce-scatter, with the reduced shard
+as its grad, so each rank updates its own shards as they arrive and frees their grads.
 
 With accumulation_steps=k the update runs on every k-th backward (grads accumulate in between, as usual).
 Each bucket runs through an rmsprop_gpu.RMSpropPlan cached per bucket (buckets repeat from step to step), so a
@@ -48,10 +49,6 @@ class InBackward:
 
     def attach(self, params) -> None:
         params = list(params)
-        if any(type(p).__name__ == "DTensor" for p in params):
-            raise NotImplementedError(
-                "in_backward=True does not compose with FSDP2 (DTensor params): the reduce-scattered grads are set "
-                "after the hooks this optimizer can use. Use in_backward=False with FSDP2.")
         if self.ddp is not None:
             return
         ref = self._opt
@@ -93,7 +90,8 @@ class InBackward:
 
     def _ready(self, p: torch.Tensor) -> None:
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if (type(p).__name__ != "DTensor"  # FSDP2 calls the hook with the reduce-scattered shard
+                and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             raise RuntimeError(
                 "in_backward=True in a run with more than one rank: this grad is not all-reduced yet, so each rank "
                 "would update with its local grads. With DDP call opt.attach_ddp(ddp_model) before training.")

@@ -12,7 +12,7 @@ from . import backends
 from ._contract import STATE_KEYS, check_float32_range, validate_hyperparameters
 from .functional import RMSpropPlan
 from .in_backward import InBackward
-from .plan import SWITCHES, StepPlan, check_groups, make_hyper, prepare, structure
+from .plan import SWITCHES, StepPlan, check_groups, check_sr_seed, make_hyper, prepare, structure
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # values a step reads besides lr (compared by identity: a tensor lr must not be compared by value on the host)
@@ -60,7 +60,7 @@ class RMSprop(Optimizer):
         if differentiable and (any(switches.values()) or initial_accumulator_value):
             raise ValueError("differentiable=True runs torch's own step: no other frameworks' switches or "
                              "stochastic rounding")
-        make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt, sr_seed=sr_seed)
+        check_sr_seed(sr_seed)
         if in_backward and differentiable:
             raise ValueError("in_backward=True cannot be differentiable: the update runs inside backward")
         if differentiable and eps_in_sqrt:

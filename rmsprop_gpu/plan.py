@@ -37,10 +37,10 @@ def make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_i
     return Hyper(lr, float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered),
                  bool(maximize), bool(eps_in_sqrt), bool(capturable), grad_scale, found_inf, bool(lr_in_momentum),
                  bool(nesterov), bool(decoupled_weight_decay), bool(bias_correction), bool(stochastic_rounding),
-                 _seed(sr_seed))
+                 check_sr_seed(sr_seed))
 
 
-def _seed(seed) -> int:
+def check_sr_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
         raise ValueError(f"Invalid sr_seed: {seed!r} (an integer in [0, 2**32))")
     return int(seed)

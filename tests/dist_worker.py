@@ -68,7 +68,7 @@ def worker(rank: int, world: int, mode: str, backend: str, port: str, out: str):
 
         net = torch.nn.parallel.DistributedDataParallel(model)
         opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=rmsprop_gpu.RMSprop, backend=backend, **OPT)
-    elif mode == "fsdp2":
+    elif mode in ("fsdp2", "fsdp2_in_backward"):  # in_backward: each shard updated when its grad is reduced
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -77,7 +77,8 @@ def worker(rank: int, world: int, mode: str, backend: str, port: str, out: str):
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
         net = fully_shard(model, mesh=mesh)
-        opt = rmsprop_gpu.RMSprop(net.parameters(), backend=backend, **OPT)
+        opt = rmsprop_gpu.RMSprop(net.parameters(), backend=backend, in_backward=mode == "fsdp2_in_backward",
+                                  bucket_mb=1e-4, **OPT)  # several buckets
         assert all(type(p).__name__ == "DTensor" for p in net.parameters())
     else:
         raise ValueError(mode)
@@ -87,8 +88,10 @@ def worker(rank: int, world: int, mode: str, backend: str, port: str, out: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # in_backward: "step() does nothing"
             opt.step()
-    if mode == "ddp_in_backward":
-        assert opt._in_backward.buckets >= STEPS, opt._in_backward.buckets  # the comm hook stepped
+    if mode in ("ddp_in_backward", "fsdp2_in_backward"):
+        assert opt._in_backward.buckets >= STEPS, opt._in_backward.buckets  # the hooks stepped
+    if mode == "fsdp2_in_backward":
+        assert all(p.grad is None for p in net.parameters())  # released as soon as their shard was stepped
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in net.parameters()]
     if rank == 0:
         torch.save([p.detach().clone() for p in params], out)

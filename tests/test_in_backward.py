@@ -111,7 +111,7 @@ def test_state_dict_and_frozen_params():
 
 def test_distributed_training_without_ddp_hook_is_refused(monkeypatch):
     """A grad reaches the param hook before DDP's all-reduce: without attach_ddp the backward raises (not silently
-    wrong); FSDP2's DTensor params are refused at construction (tests/dist_worker.py runs attach_ddp on 2 ranks)."""
+    wrong). tests/dist_worker.py runs attach_ddp and FSDP2 with in_backward on 2 ranks."""
     model = mlp()
     opt = rmsprop_gpu.RMSprop(model.parameters(), in_backward=True)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)

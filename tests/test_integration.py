@@ -145,7 +145,8 @@ def test_compiled_training_step_calls_our_optimizer(backend):
 # ------------------------------------------------------------------ distributed (2 gloo processes on the CPU)
 @pytest.mark.parametrize("mode, backend", [("ddp", "torch"), ("ddp", "triton"), ("fsdp2", "torch"),
                                            ("fsdp2", "cupy"), ("fsdp2", "triton"), ("zero", "cupy"),
-                                           ("ddp_in_backward", "torch"), ("ddp_in_backward", "cupy")])
+                                           ("ddp_in_backward", "torch"), ("ddp_in_backward", "cupy"),
+                                           ("fsdp2_in_backward", "torch"), ("fsdp2_in_backward", "triton")])
 def test_distributed_training_equals_single_process(mode, backend, tmp_path):
     from tests.dist_worker import launch, single_process
 

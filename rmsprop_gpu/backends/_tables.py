@@ -38,7 +38,7 @@ H_LR, H_ALPHA, H_ONE_MINUS_ALPHA, H_EPS, H_WEIGHT_DECAY, H_MOMENTUM, H_SIGN = ra
 H_SEED = 9  # uint32 column
 KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 
-# flag bits (the CUDA kernel reads them at run time; Triton turns each into a constexpr)
+# flag bits: compile-time switches of both kernels (Triton constexprs, CUDA C template parameter)
 (MAXIMIZE, WEIGHT_DECAY, EPS_IN_SQRT, LR_ON_DEVICE, GRAD_SCALE, FOUND_INF, LR_IN_MOMENTUM, NESTEROV,
  DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING) = (1 << i for i in range(11))
 
