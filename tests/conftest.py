@@ -2,9 +2,11 @@
 compiled by g++ (tests/cuda_cpu) behind the CuPy backend's module seam. Nothing is skipped for lack of a GPU."""
 
 import os
+import tempfile
 
 os.environ["TRITON_INTERPRET"] = "1"  # read when kernels/rmsprop.py is imported: set before anything imports it
 os.environ.pop("RMSPROP_GPU_BACKEND", None)
+os.environ["RMSPROP_GPU_CACHE_DIR"] = tempfile.mkdtemp(prefix="rmsprop_gpu_cache_")  # not the user's cache
 
 import pytest  # noqa: E402
 

@@ -293,3 +293,43 @@ def test_compile_time_flags_build_matches_the_run_time_flags_build(options):
     for a, b in zip(runtime[0] + sum(runtime[1], []), static[0] + sum(static[1], [])):
         assert not a.isnan().any()  # small grad_avgs: v - ga^2 > 0, the comparison is of numbers
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_the_run_time_loader_builds_one_entry_point_per_layout_and_flags(capability):
+    """What CupyBackend loads on a GPU: kernels/rmsprop.cu plus one RMSPROP_KERNEL line, through CuPy's own NVRTC
+    binding with NVRTC_OPTIONS, as a cubin for the device's arch holding exactly that entry point."""
+    from rmsprop_gpu.backends._tables import FOUND_INF, GRAD_SCALE, STOCHASTIC_ROUNDING
+    from rmsprop_gpu.backends.cupy_backend import KernelSpec, compile_cubin, nvrtc_arch_option
+
+    spec = KernelSpec("bfloat16", "float32", True, True, GRAD_SCALE | FOUND_INF | STOCHASTIC_ROUNDING)
+    cubin = compile_cubin(capability, spec)
+    assert cubin[:4] == b"\x7fELF" and spec.name.encode() in cubin
+    assert KernelSpec("float32", "float32", False, False, 0).name.encode() not in cubin
+    assert nvrtc_arch_option(90, (80, 90)) == "-arch=sm_90"
+    assert nvrtc_arch_option(120, (80, 90)) == "-arch=compute_90"  # newer device: PTX the driver compiles
+
+
+def test_compiled_entry_points_are_cached_on_disk(tmp_path, monkeypatch):
+    """A second build of the same entry point is read back from $RMSPROP_GPU_CACHE_DIR (NVRTC is not called); a
+    different entry point is another file; "0" disables the cache; an unwritable folder only skips caching."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    from rmsprop_gpu.backends import cupy_backend as cb
+
+    monkeypatch.setenv(cb.CACHE_ENV, str(tmp_path))
+    spec = cb.KernelSpec("float16", "float16", False, False, 0)
+    first = cb.compile_cubin(90, spec)
+    assert len(list(tmp_path.iterdir())) == 1
+    calls = []
+    real = nvrtc.compileProgram
+    monkeypatch.setattr(nvrtc, "compileProgram", lambda *a: calls.append(a) or real(*a))
+    assert cb.compile_cubin(90, spec) == first and calls == []
+    cb.compile_cubin(90, spec._replace(flags=1024))  # stochastic rounding
+    assert len(calls) == 1 and len(list(tmp_path.iterdir())) == 2
+    monkeypatch.setenv(cb.CACHE_ENV, "0")
+    assert cb.compile_cubin(90, spec) == first and len(calls) == 2
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(cb.CACHE_ENV, str(blocked / "sub"))
+    assert cb.compile_cubin(90, spec) == first and len(calls) == 3

@@ -9,9 +9,12 @@ marshalling and launch configuration are what the CPU tests drive.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import os
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -85,21 +88,49 @@ def nvrtc_arch_option(capability: int, supported: tuple[int, ...]) -> str:
     return f"-arch=compute_{max(older) if older else min(supported)}"
 
 
+CACHE_ENV = "RMSPROP_GPU_CACHE_DIR"  # where compiled entry points are kept ("0": nowhere)
+
+
+def cache_dir() -> Path | None:
+    """$RMSPROP_GPU_CACHE_DIR, else $XDG_CACHE_HOME/rmsprop_gpu, else ~/.cache/rmsprop_gpu; None when disabled."""
+    where = os.environ.get(CACHE_ENV)
+    if where == "0":
+        return None
+    if where:
+        return Path(where)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rmsprop_gpu"
+
+
 def compile_cubin(capability: int, spec: KernelSpec) -> bytes:
     """One entry point of kernels/rmsprop.cu through CuPy's NVRTC binding with NVRTC_OPTIONS (no -ftz=true
-    appended): about 0.3 s, once per (layout, flags) and device."""
+    appended): 0.2-0.6 s once per (layout, flags) and arch, then read from the on-disk cache (keyed by the
+    source, the entry point, the options, the arch and NVRTC's version; an unwritable cache is skipped)."""
     from cupy_backends.cuda.libs import nvrtc
 
-    prog = nvrtc.createProgram(kernel_source() + spec.definition(), "rmsprop.cu", (), ())
+    arch = nvrtc_arch_option(capability, tuple(nvrtc.getSupportedArchs()))
+    source = kernel_source() + spec.definition()
+    key = hashlib.sha256("\0".join((source, *NVRTC_OPTIONS, arch, str(nvrtc.getVersion()))).encode()).hexdigest()
+    folder = cache_dir()
+    path = folder / f"{spec.name}-{key[:24]}.bin" if folder is not None else None
+    if path is not None and path.is_file():
+        with contextlib.suppress(OSError):
+            return path.read_bytes()
+    prog = nvrtc.createProgram(source, "rmsprop.cu", (), ())
     try:
-        arch = nvrtc_arch_option(capability, tuple(nvrtc.getSupportedArchs()))
         try:
             nvrtc.compileProgram(prog, (*NVRTC_OPTIONS, arch))
         except nvrtc.NVRTCError as e:
             raise RuntimeError(f"NVRTC failed on kernels/rmsprop.cu ({arch}):\n{nvrtc.getProgramLog(prog)}") from e
-        return nvrtc.getCUBIN(prog) if arch.startswith("-arch=sm_") else nvrtc.getPTX(prog).encode()
+        binary = nvrtc.getCUBIN(prog) if arch.startswith("-arch=sm_") else nvrtc.getPTX(prog).encode()
     finally:
         nvrtc.destroyProgram(prog)
+    if path is not None:
+        with contextlib.suppress(OSError):  # written whole or not at all: a reader never sees half a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(binary)
+            tmp.replace(path)
+    return binary
 
 
 _LOADED_MODULES: list = []  # every module a kernel came from stays loaded (kernels are cached for good)
