@@ -101,10 +101,11 @@ class Entry:
     def run(self, hypers: dict[int, Hyper]) -> None:
         self.backend.run(self.prepared, self.group, [hypers[i] for i in self.group_indices])
 
-    def regrad(self) -> None:
-        """Take the params' re-allocated grads (same kind): re-point the tables (kept if the addresses repeat)."""
-        self.group.grads = list(map(_grad, self.group.params))
-        self.prepared = self.backend.regrad(self.prepared, self.group)
+    def regrad(self, grads: list | None = None, ptrs: list | None = None) -> None:
+        """Take the params' re-allocated grads (same kind): re-point the tables (kept if the addresses repeat).
+        grads / ptrs: the new grads of group.params and their addresses, when the caller has them already."""
+        self.group.grads = list(map(_grad, self.group.params)) if grads is None else grads
+        self.prepared = self.backend.regrad(self.prepared, self.group, ptrs)
 
 
 def _launch_key(c: Checked):
@@ -149,8 +150,8 @@ _structure_raw = itemgetter("momentum", "centered", "eps_in_sqrt", "capturable",
 _params_of = itemgetter("params")
 _lr_of = itemgetter("lr")
 _grad = attrgetter("grad")
-_layout = attrgetter("layout")
 _stride = torch.Tensor.stride
+_is_contiguous = torch.Tensor.is_contiguous
 
 
 def _lr_kind(lr):
@@ -181,6 +182,8 @@ class StepPlan:
     grad_strides: list = field(default_factory=list)
     param_ptrs: list = field(default_factory=list)
     grad_ptrs: list = field(default_factory=list)
+    grads_contiguous: bool = False  # every grad contiguous: a re-allocated one need only be contiguous too
+    entry_rows: list = field(default_factory=list)  # per entry: its params' positions in `active` (or None)
     state_dicts: list = field(default_factory=list)  # the optimizer's per-param state dicts, in its order
     state_values: list = field(default_factory=list)  # and every value they hold
 
@@ -206,6 +209,13 @@ class StepPlan:
         added or removed, is then seen by iterating dict values (no tensor hashing per step)."""
         self.state_dicts = list(opt_state.values())
         self.state_values = list(chain.from_iterable(map(dict.values, self.state_dicts)))
+        self.grads_contiguous = all(map(_is_contiguous, self.grads))
+        pos = {id(p): i for i, p in enumerate(self.active)}
+        self.entry_rows = []
+        for e in self.entries:
+            params = getattr(getattr(e, "group", None), "params", None)
+            ok = params is not None and all(id(p) in pos for p in params)
+            self.entry_rows.append([pos[id(p)] for p in params] if ok else None)
 
     def refresh(self, param_groups, opt_state) -> bool:
         """True when the plan can run as it is (after taking re-allocated grads), False when it must be rebuilt."""
@@ -238,12 +248,21 @@ class StepPlan:
             return list(map(_data_ptr, self.grads)) == self.grad_ptrs  # grad.data = ... rebuilds
         grads = list(map(_grad, self.active))
         # grads re-allocated (zero_grad(set_to_none=True) + backward): torch's grad setter guarantees shape,
-        # dtype and device; the tables need the same strides and a dense layout
-        if (any(map(is_, grads, repeat(None))) or not all(map(is_, map(_layout, grads), repeat(torch.strided)))
-                or list(map(_stride, grads)) != self.grad_strides):
+        # dtype and device; the tables need the same element order in memory (contiguous stays contiguous,
+        # else the same strides). Sparse grads fail here (data_ptr or the layout checks raise or differ).
+        if any(map(is_, grads, repeat(None))):
             return False
-        self.grads = grads
-        self.grad_ptrs = list(map(_data_ptr, grads))
-        for e in self.entries:
-            e.regrad()
+        try:
+            if not (all(map(_is_contiguous, grads)) if self.grads_contiguous
+                    else list(map(_stride, grads)) == self.grad_strides):
+                return False
+            ptrs = list(map(_data_ptr, grads))
+        except RuntimeError:  # not strided: the full checks say what is wrong
+            return False
+        self.grads, self.grad_ptrs = grads, ptrs
+        for e, rows in zip(self.entries, self.entry_rows):
+            if rows is None:
+                e.regrad()
+            else:
+                e.regrad([grads[i] for i in rows], [ptrs[i] for i in rows])
         return True

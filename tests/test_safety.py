@@ -462,6 +462,11 @@ def _mutations():
     def grad_transposed(opt, ps, gen):
         ps[1].grad = new_tensor(ps[1].shape[::-1], gen).t()
 
+    def grads_reallocated(opt, ps, gen):  # zero_grad(set_to_none=True) + backward: only the grad column moves
+        for p in ps:
+            if p.grad is not None:
+                p.grad = new_tensor(p.shape, gen)
+
     def grad_data(opt, ps, gen):
         ps[0].grad.data = new_tensor(ps[0].shape, gen)
 
@@ -498,7 +503,7 @@ def _mutations():
         opt.add_param_group(dict(params=[q], lr=0.03))
         ps.append(q)
 
-    return [(f.__name__, f) for f in (p_data, p_data_shape, grad_transposed, grad_data, grad_set_to_none,
+    return [(f.__name__, f) for f in (p_data, p_data_shape, grads_reallocated, grad_transposed, grad_data, grad_set_to_none,
                                       idle_gains_grad, state_tensor_replaced, state_dict_replaced, state_deleted,
                                       params_entry_swapped, group_option_edited, lr_becomes_tensor, group_added)]
 

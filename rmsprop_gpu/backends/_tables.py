@@ -331,7 +331,7 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
                   [r[1] for r in rows])
 
 
-def regrad_launch(launch: Launch, group: Group, cache: TableCache) -> Launch:
+def regrad_launch(launch: Launch, group: Group, cache: TableCache, ptrs: list | None = None) -> Launch:
     """group.grads re-allocated with the same shapes, dtypes and strides: re-point the grad column of the table
     (one upload when the addresses moved; none when a caching allocator handed the same blocks back) and the
     copies of grads that go through a temporary."""
@@ -340,7 +340,7 @@ def regrad_launch(launch: Launch, group: Group, cache: TableCache) -> Launch:
             launch.copy_in[k] = (launch.copy_in[k][0], group.grads[i])
         ptrs = [p if i in launch.grad_copy else g.data_ptr()
                 for i, (p, g) in enumerate(zip(launch.grad_ptrs, group.grads))]
-    else:
+    elif ptrs is None:
         ptrs = list(map(torch.Tensor.data_ptr if isinstance(group.grads[0], torch.Tensor) else arr.ptr, group.grads))
     if ptrs != launch.grad_ptrs:
         host = launch.host_tensors.copy()

@@ -33,8 +33,9 @@ class Backend:
         alive (a step plan), so nothing is cached here."""
         return group
 
-    def regrad(self, prepared, group: Group):
-        """The prepared launch for group.grads re-allocated with the same shapes, dtypes and strides."""
+    def regrad(self, prepared, group: Group, ptrs: list | None = None):
+        """The prepared launch for group.grads re-allocated with the same shapes, dtypes and strides (ptrs:
+        their addresses, when the caller has them)."""
         return self.prepare(group, None, owned=True, previous=prepared)
 
     def run(self, prepared, group: Group, hypers: list[Hyper]) -> None:

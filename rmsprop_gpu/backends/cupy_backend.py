@@ -241,8 +241,8 @@ class CupyBackend(Backend):
     def prepare(self, group: Group, hyper: Hyper, owned: bool = False, previous=None):
         return prepare_launch(group, self.tables.owned() if owned else self.tables, previous)
 
-    def regrad(self, launch, group: Group):
-        return regrad_launch(launch, group, self.tables)
+    def regrad(self, launch, group: Group, ptrs: list | None = None):
+        return regrad_launch(launch, group, self.tables, ptrs)
 
     def run(self, launch, group: Group, hypers: list[Hyper]) -> None:
         flags, grad_scale, found_inf = launch_args(launch, group, hypers)
