@@ -503,9 +503,10 @@ def _mutations():
         opt.add_param_group(dict(params=[q], lr=0.03))
         ps.append(q)
 
-    return [(f.__name__, f) for f in (p_data, p_data_shape, grads_reallocated, grad_transposed, grad_data, grad_set_to_none,
-                                      idle_gains_grad, state_tensor_replaced, state_dict_replaced, state_deleted,
-                                      params_entry_swapped, group_option_edited, lr_becomes_tensor, group_added)]
+    return [(f.__name__, f) for f in (p_data, p_data_shape, grads_reallocated, grad_transposed, grad_data,
+                                      grad_set_to_none, idle_gains_grad, state_tensor_replaced, state_dict_replaced,
+                                      state_deleted, params_entry_swapped, group_option_edited, lr_becomes_tensor,
+                                      group_added)]
 
 
 @pytest.mark.parametrize("backend", ALL)
