@@ -56,7 +56,8 @@ class Instr:
             for m in _REG.finditer(text):
                 r = int(m.group(1))
                 n = {"64": 2, "128": 4}.get(m.group(2) or "", 1)
-                if dest or (self.base in ("STG", "ST") and text is src_part and m.end() == len(text.rstrip())):
+                stored = self.base in ("STG", "ST") and m.end() == len(text.rstrip())  # a store's data register
+                if dest or stored:
                     n = max(n, width)
                 out.update(range(r, r + n))
             return out

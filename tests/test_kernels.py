@@ -183,7 +183,7 @@ def test_full_chunk_path_one_load_wave_no_slow_path_calls(static_report):
         if r["flag_set"] in OPT_IN_COST:
             continue
         assert r["load_waves"] == 1, name
-        lo, _ = minimum_bytes(r["params"], r["state"], r["variant"] != "plain" and "momentum" in r["variant"],
+        lo, _ = minimum_bytes(r["params"], r["state"], "momentum" in r["variant"],
                               "centered" in r["variant"])
         assert r["bytes_before_wait"] == lo * r["elems_per_thread"], name  # every data load before any math
         assert r["kib_in_flight_per_sm"] * 1024 >= sass.bytes_in_flight_needed(sass.H200), name

@@ -215,8 +215,8 @@ class TorchBackend(Backend):
                 for row, (d, x, s) in enumerate(zip(dst, src, group.steps)):
                     key = stream_key(hyper.sr_seed, int(s), row)  # a host read: the reference path
                     order = _memory_order(d)
-                    flat = x.permute(order).reshape(-1)
-                    d.permute(order).copy_(stochastic_round(flat, d.dtype, key, out_id).view(
-                        d.permute(order).shape))
+                    d_mem = d.permute(order)  # dense: contiguous in memory order
+                    d_mem.copy_(stochastic_round(x.permute(order).reshape(-1), d.dtype, key, out_id).view(
+                        d_mem.shape))
             else:  # 16-bit storage: round the float32 results once
                 torch._foreach_copy_(dst, src)

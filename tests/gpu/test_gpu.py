@@ -393,17 +393,22 @@ def test_cuda_graph_replay_with_static_grads(backend):
     assert float(opt.state[ps[0]]["step"]) == float(ref.state[qs[0]]["step"]) == 3 + 4 + 3
 
 
-@cuda_only
-@pytest.mark.parametrize("backend", KERNELS)
-def test_cuda_graph_of_the_whole_training_step(backend):
-    """The README's pattern: forward, backward and step captured together; grads zeroed in place."""
+def twin_capturable_mlps(backend):
+    """Two identical MLPs on the device, each with a capturable optimizer (tensor lr on the device)."""
     def mlp():
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(DEVICE)
 
     models = mlp(), mlp()
-    opts = [rmsprop_gpu.RMSprop(m.parameters(), lr=torch.tensor(1e-3, device=DEVICE), momentum=0.9,
-                                capturable=True, backend=backend) for m in models]
+    return models, [rmsprop_gpu.RMSprop(m.parameters(), lr=torch.tensor(1e-3, device=DEVICE), momentum=0.9,
+                                        capturable=True, backend=backend) for m in models]
+
+
+@cuda_only
+@pytest.mark.parametrize("backend", KERNELS)
+def test_cuda_graph_of_the_whole_training_step(backend):
+    """The README's pattern: forward, backward and step captured together; grads zeroed in place."""
+    models, opts = twin_capturable_mlps(backend)
     static_x, static_y = torch.randn(128, 32, device=DEVICE), torch.randn(128, 1, device=DEVICE)
 
     def train_step(model, opt, x, y):
@@ -482,13 +487,7 @@ def test_compiled_training_step_reduce_overhead(backend):
 
     torch._dynamo.reset()
 
-    def mlp():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(DEVICE)
-
-    models = mlp(), mlp()
-    opts = [rmsprop_gpu.RMSprop(m.parameters(), lr=torch.tensor(1e-3, device=DEVICE), momentum=0.9,
-                                capturable=True, backend=backend) for m in models]
+    models, opts = twin_capturable_mlps(backend)
     x, y = torch.randn(128, 32, device=DEVICE), torch.randn(128, 1, device=DEVICE)
 
     def train(model, opt):
