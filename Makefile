@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-test.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test demo bench host-overhead report lint clean gpu-check gpu-check-cpu stochastic-rounding
+.PHONY: test demo bench host-overhead report lint clean gpu-check gpu-check-cpu stochastic-rounding state-bits
 
 $(STAMP): requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,7 @@ test: $(STAMP)  ## the whole suite on the CPU: kernels through the Triton interp
 	$(BIN)/python perf/host_overhead.py --smoke --out "$$(mktemp -d)/host_overhead" > /dev/null
 	$(BIN)/python perf/training_stack.py --smoke --out "$$(mktemp -d)/training_stack" > /dev/null
 	$(BIN)/python perf/stochastic_rounding.py --smoke --out "$$(mktemp -d)/stochastic_rounding" > /dev/null
+	$(BIN)/python perf/state_bits.py --smoke --out "$$(mktemp -d)/state_bits" > /dev/null
 	$(BIN)/python perf/gpu_check.py --dry-run
 
 demo: $(STAMP)  ## the main job on the best device: train, self-check every backend, quick benchmark + plot
@@ -42,6 +43,9 @@ $(TRITON_IMAGE_DIR)/.installed:
 
 stochastic-rounding: $(STAMP)  ## bf16 training with/without stochastic rounding vs fp32 (perf/results/stochastic_rounding_cpu.*)
 	$(BIN)/python perf/stochastic_rounding.py
+
+state-bits: $(STAMP)  ## 8-bit vs 32-bit state: bytes, digits MLP training, one-step error (perf/results/state_bits_cpu.*)
+	$(BIN)/python perf/state_bits.py
 
 report: $(STAMP) $(TRITON_IMAGE_DIR)/.installed  ## static kernel report (no GPU needed): pinned Triton + the GPU image's
 	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_IMAGE_DIR) $(BIN)/python -m rmsprop_gpu.kernel_report \

@@ -12,7 +12,8 @@
 // flag (as Triton's constexprs). FLAGS = RUNTIME_FLAGS reads them from the `flags` argument instead: the CPU
 // test build (tests/cuda_cpu) uses that to cover every combination with one compilation of the same code.
 // Hyperparameter values come from the hyper table, so one launch serves many param groups.
-// Math is float32 with IEEE sqrt and division; 16-bit stores round to nearest even.
+// Math is float32 with IEEE sqrt and division; 16-bit stores round to nearest even. State of type q8 (uint8
+// tensors: state_bits=8) is decoded and encoded per block of 16 elements, one block per thread (q8_chunk).
 //
 // No #include: NVRTC wheels ship no CUDA headers, and the same text compiles on the CPU with g++ and the
 // shim in tests/cuda_cpu/shim.h (which defines the CUDA built-ins this file uses).
@@ -194,6 +195,87 @@ __device__ __forceinline__ void store_out(T* ptr, const float (&in)[N], bool sr,
   }
 }
 
+// 8-bit blockwise state (rmsprop_gpu/quantize.py has the format and the same codec in torch): one uint8 tensor
+// per state = codes (numel rounded up to 16) then one scale exponent byte per block of 16 elements, the 16
+// elements one thread owns here. square_avg stores sqrt(v) as unsigned E4M4 codes, momentum_buffer and grad_avg
+// signed E4M3; a block's values are code * 2^(s - 127) (s = 255: the block held inf/NaN, it decodes to NaN).
+struct q8 { unsigned char bits; };
+template <typename T> struct is_q8 { static constexpr bool value = false; };
+template <> struct is_q8<q8> { static constexpr bool value = true; };
+
+#define Q8_TWO_112 5.192296858534828e33f   // 2^112: a code's 4 exponent bits become a float's (half trick)
+#define Q8_TWO_M112 1.925929944387236e-34f  // 2^-112
+
+template <bool SIGNED> __device__ __forceinline__ float q8_decode(u32 c, float scale) {
+  const float x = __uint_as_float(SIGNED ? (c & 0x7Fu) << 20 : c << 19) * Q8_TWO_112;  // exact
+  return ((SIGNED && (c & 0x80u)) ? -x : x) * scale;
+}
+__device__ __forceinline__ float q8_scale(u32 s) { return __uint_as_float(s << 23); }  // 2^(s-127); 0; inf
+// The block's scale exponent from its values: the largest magnitude compared as bits (inf and NaN are largest).
+template <int N> __device__ __forceinline__ u32 q8_block_scale(const float (&x)[N]) {
+  u32 m = 0;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const u32 b = __float_as_uint(x[k]) & 0x7FFFFFFFu;
+    m = b > m ? b : m;
+  }
+  if (m >= 0x7F800000u) return 255u;
+  const u32 s = m >> 23;  // the maximum scales into [1, 2): the top binade of codes is used, re-encoding is exact
+  return s < 1u ? 1u : (s > 253u ? 253u : s);
+}
+// Codes round stochastically with 16 random bits r16 (the stream of stochastic rounding, the outputs' usual
+// halves): an average that moves by less than half a code per step (v decaying by alpha) still moves in
+// expectation; round to nearest would freeze it.
+template <bool SIGNED> __device__ __forceinline__ u32 q8_encode(float x, u32 s, u32 r16) {
+  if (s == 255u) return 0u;
+  const u32 yb = __float_as_uint((x * __uint_as_float((254u - s) << 23)) * Q8_TWO_M112), mag = yb & 0x7FFFFFFFu;
+  if (SIGNED) {  // 3 mantissa bits: the random bits at the top of the 20 dropped ones; saturate; sign on top
+    const u32 c = (mag + (r16 << 4)) >> 20;
+    return (c > 127u ? 127u : c) | ((yb >> 24) & 0x80u);
+  }
+  const u32 c = (mag + (r16 << 3)) >> 19;
+  return c > 255u ? 255u : c;
+}
+// One thread's block of 16 as loaded: its codes (one 128-bit access when vec) and its scale byte. Loaded raw,
+// decoded later, so that every load of the chunk is issued before the first wait.
+struct Q8Raw { u32 w[4]; u32 s; };
+__device__ __forceinline__ Q8Raw q8_load(const unsigned char* q, i64 n16, i64 i, bool vec) {
+  Q8Raw r;
+  if (vec) {
+    const uint4 x = load_global_128(q + i);
+    r.w[0] = x.x; r.w[1] = x.y; r.w[2] = x.z; r.w[3] = x.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      r.w[j] = (u32)q[i + 4 * j] | ((u32)q[i + 4 * j + 1] << 8) | ((u32)q[i + 4 * j + 2] << 16) |
+               ((u32)q[i + 4 * j + 3] << 24);
+  }
+  r.s = q[n16 + (i >> 4)];
+  return r;
+}
+template <bool SIGNED> __device__ __forceinline__ void q8_decode_block(const Q8Raw& r, float (&out)[16]) {
+  const float scale = q8_scale(r.s);
+#pragma unroll
+  for (int k = 0; k < 16; ++k) out[k] = q8_decode<SIGNED>((r.w[k >> 2] >> (8 * (k & 3))) & 0xFFu, scale);
+}
+template <bool SIGNED>
+__device__ __forceinline__ void q8_store(unsigned char* q, i64 n16, i64 i, bool vec, const float (&x)[16],
+                                         const u32 (&h)[16], int shift) {
+  const u32 s = q8_block_scale(x);
+  u32 w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int k = 0; k < 16; ++k) w[k >> 2] |= q8_encode<SIGNED>(x[k], s, (h[k] >> shift) & 0xFFFFu) << (8 * (k & 3));
+  if (vec) {
+    uint4 r;
+    r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
+    store_global_128(q + i, r);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) q[i + k] = (unsigned char)(w[k >> 2] >> (8 * (k & 3)));
+  }
+  q[n16 + (i >> 4)] = (unsigned char)s;
+}
+
 struct Hyper {
   float lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc;
   int flags;  // FLAGS, or the `flags` argument when FLAGS == RUNTIME_FLAGS
@@ -201,7 +283,7 @@ struct Hyper {
 
 // One element of the update; p, v, buf, ga are read and written in registers. h.flags is a compile-time
 // constant unless the kernel reads its flags at run time, so each flag test below folds away.
-template <bool MOMENTUM, bool CENTERED>
+template <bool MOMENTUM, bool CENTERED, bool CLAMP_VAR = false>
 __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, float& ga, const Hyper& h) {
   if (h.flags & GRAD_SCALE) g = __fdiv_rn(g, h.grad_scale);
   if (h.flags & MAXIMIZE) g = g * h.sign;  // per slot: -1 maximizes, +1 keeps g (exact either way)
@@ -217,7 +299,8 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
     ga = ga + h.one_minus_alpha * (g - ga);
     const float avg = bias ? ga * h.inv_bc : ga;
     var = var - avg * avg;
-    if (bias && var < 0.0f) var = 0.0f;  // rounding at step 1 (optax then gives NaN); NaN stays NaN
+    // rounding at step 1 (optax then gives NaN), or 8-bit v and grad_avg crossing; NaN stays NaN
+    if ((bias || CLAMP_VAR) && var < 0.0f) var = 0.0f;
   }
   const float denom = (h.flags & EPS_IN_SQRT) ? __fsqrt_rn(var + h.eps) : __fsqrt_rn(var) + h.eps;
   if (MOMENTUM && (h.flags & LR_IN_MOMENTUM)) {  // TF1 / Keras / optax: the buffer accumulates lr * g / d
@@ -229,6 +312,55 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
     p = p - h.lr * buf;
   } else {
     p = p - h.lr * __fdiv_rn(g, denom);
+  }
+}
+
+// The chunk with 8-bit state: thread t owns elements 16t..16t+15 of it, one quantization block (so a block's
+// maximum needs no other thread). Decode, the float32 update, encode with the block's new scale, store.
+template <typename P, bool MOMENTUM, bool CENTERED>
+__device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, unsigned char* a, P* p, const P* g,
+                                         i64 numel, i64 start, bool aligned, const Hyper& h, bool sr, u32 key) {
+  const i64 i = start + (i64)threadIdx.x * 16, n16 = (numel + 15) & ~(i64)15;
+  if (i >= numel) return;
+  const bool full = aligned && numel - start >= RMSPROP_BLOCK;  // 128-bit accesses, no bounds
+  float pv[16], gv[16], vv[16], bv[16], av[16];
+  const Q8Raw vr = q8_load(v, n16, i, full);
+  Q8Raw br = vr, ar = vr;
+  if (MOMENTUM) br = q8_load(b, n16, i, full);
+  if (CENTERED) ar = q8_load(a, n16, i, full);
+  if (full) {
+    load_vec(p + i, pv);
+    load_vec(g + i, gv);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      pv[k] = i + k < numel ? to_float(p[i + k]) : 0.0f;
+      gv[k] = i + k < numel ? to_float(g[i + k]) : 0.0f;
+    }
+  }
+  q8_decode_block<false>(vr, vv);
+  if (MOMENTUM) q8_decode_block<true>(br, bv);
+  if (CENTERED) q8_decode_block<true>(ar, av);
+  float root[16];
+  u32 h0[16], h1[16];  // random bits: p (low half, with sr) and square_avg; momentum_buffer and grad_avg
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    vv[k] = vv[k] * vv[k];  // square_avg stores sqrt(v)
+    update<MOMENTUM, CENTERED, true>(pv[k], gv[k], vv[k], bv[k], av[k], h);
+    if (!full && i + k >= numel) vv[k] = bv[k] = av[k] = 0.0f;  // padding encodes as 0
+    root[k] = __fsqrt_rn(vv[k]);
+    h0[k] = pair_bits(key, i + k, 0u);
+    h1[k] = (MOMENTUM || CENTERED) ? pair_bits(key, i + k, 1u) : 0u;
+  }
+  q8_store<false>(v, n16, i, full, root, h0, 16);
+  if (MOMENTUM) q8_store<true>(b, n16, i, full, bv, h1, 0);
+  if (CENTERED) q8_store<true>(a, n16, i, full, av, h1, 16);
+  if (full) {
+    store_out(p + i, pv, sr, h0, 0);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 16; ++k)
+      if (i + k < numel) p[i + k] = store_value<P>(pv[k], sr, h0[k], 0);
   }
 }
 
@@ -256,7 +388,10 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   Hyper h = {(f & LR_ON_DEVICE) ? *(const float*)slot[0] : hv[2], hv[3], hv[4], hv[5], hv[6], hv[7], hv[8],
              (f & GRAD_SCALE) ? *grad_scale_ptr : 1.0f, 1.0f, f};
   const bool sr = f & STOCHASTIC_ROUNDING;
-  const u32 key = sr ? stream_key(((const u32*)slot)[9], (u32)(int)*step, (u32)(info >> 32)) : 0u;
+  // the random stream of this tensor at this step: 16-bit stores with sr, 8-bit codes always (the host advances
+  // the counter after the launch)
+  const u32 key = (sr || is_q8<S>::value) ? stream_key(((const u32*)slot)[9], (u32)(int)*step, (u32)(info >> 32))
+                                         : 0u;
   if (f & BIAS_CORRECTION) {  // 1 / (1 - alpha^t), t = this step's count (the host advances it after)
     int e = (int)(*step + 1.0f);
     float base = h.alpha, acc = 1.0f;
@@ -267,6 +402,10 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   const i64 start = chunk * RMSPROP_BLOCK;  // int64 offsets: tensors beyond 2**31 elements are fine
   const bool aligned = (((i64)p | (i64)g | (i64)v | (i64)b | (i64)a) & 15) == 0;
 
+  if constexpr (is_q8<S>::value) {
+    q8_chunk<P, MOMENTUM, CENTERED>((unsigned char*)v, (unsigned char*)b, (unsigned char*)a, p, g, numel, start,
+                                    aligned, h, sr, key);
+  } else {
   // Fast path: every load of the chunk is issued before any math (one memory wave), then all stores.
   constexpr int VEC = Packet<P>::N;  // 4 floats or 8 halves: one 128-bit packet of p and g per step
   constexpr int ITERS = RMSPROP_BLOCK / (RMSPROP_THREADS * VEC);
@@ -314,8 +453,11 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
       if (CENTERED) a[i] = store_value<S>(ai, sr, h1, 16);
     }
   }
-  // with bias correction or stochastic rounding the kernel reads the counter, and the host advances it after
-  if (chunk == 0 && step != 0 && threadIdx.x == 0 && !(f & (BIAS_CORRECTION | STOCHASTIC_ROUNDING))) *step += 1.0f;
+  }
+  // with bias correction, stochastic rounding or 8-bit state the kernel reads the counter; the host advances it
+  if (chunk == 0 && step != 0 && threadIdx.x == 0 && !(f & (BIAS_CORRECTION | STOCHASTIC_ROUNDING)) &&
+      !is_q8<S>::value)
+    *step += 1.0f;
 }
 
 // The entry point the loader appends for one (layout, flags): RMSPROP_KERNEL(name, P, S, momentum, centered, flags).
@@ -332,8 +474,13 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   X(rmsprop_f16_f32##SUFFIX, f16, float, MOM, CEN)   \
   X(rmsprop_bf16_bf16##SUFFIX, bf16, bf16, MOM, CEN) \
   X(rmsprop_bf16_f32##SUFFIX, bf16, float, MOM, CEN)
+#define RMSPROP_Q8_LAYOUTS(X, MOM, CEN, SUFFIX) \
+  X(rmsprop_f32_q8##SUFFIX, float, q8, MOM, CEN)  \
+  X(rmsprop_f16_q8##SUFFIX, f16, q8, MOM, CEN)    \
+  X(rmsprop_bf16_q8##SUFFIX, bf16, q8, MOM, CEN)
+#define RMSPROP_ALL_LAYOUTS(X, MOM, CEN, SUFFIX) RMSPROP_LAYOUTS(X, MOM, CEN, SUFFIX) RMSPROP_Q8_LAYOUTS(X, MOM, CEN, SUFFIX)
 #define RMSPROP_ENTRY_POINTS(X)          \
-  RMSPROP_LAYOUTS(X, false, false, _plain) \
-  RMSPROP_LAYOUTS(X, true, false, _momentum) \
-  RMSPROP_LAYOUTS(X, false, true, _centered) \
-  RMSPROP_LAYOUTS(X, true, true, _centered_momentum)
+  RMSPROP_ALL_LAYOUTS(X, false, false, _plain) \
+  RMSPROP_ALL_LAYOUTS(X, true, false, _momentum) \
+  RMSPROP_ALL_LAYOUTS(X, false, true, _centered) \
+  RMSPROP_ALL_LAYOUTS(X, true, true, _centered_momentum)

@@ -8,6 +8,8 @@ Contract (shared with kernels/rmsprop.cu, built by rmsprop_gpu/backends/_tables.
 Hyperparameters are values in the hyper table (a new lr/alpha/eps never compiles a new kernel); the switches
 that change what is read or computed are constexpr. Math is float32; stores round to nearest even.
 NATIVE_BF16 is False only under the interpreter (TRITON_INTERPRET=1), whose bf16 cast truncates.
+S_DTYPE uint8 is 8-bit blockwise state (state_bits=8): decoded and encoded per block of 16 elements
+(_update_chunk_q8; the format: rmsprop_gpu/quantize.py).
 """
 
 import triton
@@ -71,6 +73,58 @@ def _to_storage_sr(x, DTYPE: tl.constexpr, NATIVE_BF16: tl.constexpr, r16):
         return y.to(tl.float16)
 
 
+# 8-bit blockwise state (rmsprop_gpu/quantize.py: the format; kernels/rmsprop.cu: q8_*): codes, then one scale
+# exponent byte per block of 16 elements; square_avg holds sqrt(v) as unsigned E4M4, the others signed E4M3.
+@triton.jit
+def _q8_decode(c, s, SIGNED: tl.constexpr):
+    """uint8 codes [R, 16] and their blocks' scale bytes [R] -> float32 (2^112: the half-precision trick)."""
+    c = c.to(tl.uint32)
+    if SIGNED:
+        x = ((c & 0x7F) << 20).to(tl.float32, bitcast=True) * 5.192296858534828e33
+        x = tl.where((c & 0x80) != 0, -x, x)
+    else:
+        x = (c << 19).to(tl.float32, bitcast=True) * 5.192296858534828e33
+    scale = (s.to(tl.uint32) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127); 0 for s = 0; inf for 255
+    return x * scale[:, None]
+
+
+@triton.jit
+def _q8_encode(x, r16, SIGNED: tl.constexpr):
+    """float32 [R, 16] -> (uint8 codes [R, 16], scale bytes [R]): per row (block), the largest magnitude as bits
+    (inf, NaN largest) sets s = its exponent in [1, 253] (255: not finite); codes round stochastically with the
+    16 random bits r16 (kernels/rmsprop.cu: q8_encode)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    m = tl.max(bits & 0x7FFFFFFF, axis=1)
+    s = tl.minimum(tl.maximum(m >> 23, 1), 253)
+    inv = ((254 - s) << 23).to(tl.float32, bitcast=True)  # 2^(127 - s)
+    yb = ((x * inv[:, None]) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)
+    mag = yb & 0x7FFFFFFF
+    if SIGNED:
+        c = tl.minimum((mag + (r16 << 4)) >> 20, 127) | ((yb >> 24) & 0x80)
+    else:
+        c = tl.minimum((mag + (r16 << 3)) >> 19, 255)
+    bad = m >= 0x7F800000
+    c = tl.where(bad[:, None], 0, c)
+    s = tl.where(bad, 255, s)
+    return c.to(tl.uint8), s.to(tl.uint8)
+
+
+@triton.jit
+def _q8_raw(addr, start, n16, offs, rows, code_mask, row_mask, ALIGNED: tl.constexpr):
+    """A tile's codes [R, 16] and scale bytes [R], as stored (decoded after every load is issued)."""
+    c = tl.load(_ptr(addr, start, tl.uint8, ALIGNED) + offs, mask=code_mask)
+    s = tl.load(addr.to(tl.pointer_type(tl.uint8)) + n16 + start // 16 + rows, mask=row_mask)
+    return c, s
+
+
+@triton.jit
+def _q8_store(addr, start, n16, offs, rows, code_mask, row_mask, x, r16, SIGNED: tl.constexpr,
+              ALIGNED: tl.constexpr):
+    c, s = _q8_encode(x, r16, SIGNED)
+    tl.store(_ptr(addr, start, tl.uint8, ALIGNED) + offs, c, mask=code_mask)
+    tl.store(addr.to(tl.pointer_type(tl.uint8)) + n16 + start // 16 + rows, s, mask=row_mask)
+
+
 @triton.jit
 def _ptr(addr, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """Scalar base pointer of this chunk: int64 math once per program, int32 offsets per element."""
@@ -102,8 +156,10 @@ def _update(
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
     EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
     LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    CLAMP_VAR: tl.constexpr = False,
 ):
-    """The update of one tile in float32: returns the new p, v, buf, ga (buf/ga unchanged when not used)."""
+    """The update of one tile in float32: returns the new p, v, buf, ga (buf/ga unchanged when not used).
+    CLAMP_VAR: 8-bit state, whose v and grad_avg can cross (v - ga^2 < 0): clamped at 0."""
     if GRAD_SCALE:
         g = tl.div_rn(g, grad_scale)  # exactly torch's unscale
     if MAXIMIZE:  # per slot: sign is -1 for maximize, +1 otherwise (exact either way)
@@ -122,7 +178,7 @@ def _update(
         if BIAS_CORRECTION:
             avg = ga * inv_bc
         var = var - avg * avg
-        if BIAS_CORRECTION:  # rounding can make it slightly negative at step 1 (optax then gives NaN)
+        if BIAS_CORRECTION or CLAMP_VAR:  # negative by rounding at step 1 (optax: NaN), or by quantization
             var = tl.where(var < 0.0, 0.0, var)
     if EPS_IN_SQRT:
         denom = tl.sqrt_rn(var + eps)
@@ -214,6 +270,100 @@ def _update_chunk(
 
 
 @triton.jit
+def _update_tile_q8(
+    p, g, vc, vs, bc, bs, ac, as_, p_addr, v_addr, b_addr, a_addr, start, numel, n16, rows, offs,
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
+    P_DTYPE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+    EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
+    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
+):
+    """Decode a loaded tile, the float32 update, encode each row (block) with its new scale, store. Padding past
+    numel encodes as 0."""
+    v = _q8_decode(vc, vs, False)
+    b = v
+    a = v
+    if MOMENTUM:
+        b = _q8_decode(bc, bs, True)
+    if CENTERED:
+        a = _q8_decode(ac, as_, True)
+    p, v, b, a = _update(p, g, v * v, b, a, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
+                         grad_scale, inv_bc, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
+                         LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, True)
+    mask = offs < numel - start
+    code_mask = rows[:, None] * 16 < numel - start  # whole blocks: padding codes are written too
+    row_mask = rows * 16 < numel - start
+    if FULL_ALIGNED:
+        mask = None
+        code_mask = None
+        row_mask = None
+    else:
+        v = tl.where(mask, v, 0.0)
+        b = tl.where(mask, b, 0.0)
+        a = tl.where(mask, a, 0.0)
+    h0 = _pair_bits(key, start, offs, 0)  # random bits: p (low half, with SR) and square_avg's codes (high)
+    h1 = h0
+    if MOMENTUM or CENTERED:  # momentum_buffer (low half) and grad_avg (high)
+        h1 = _pair_bits(key, start, offs, 1)
+    _q8_store(v_addr, start, n16, offs, rows, code_mask, row_mask, tl.sqrt_rn(v), h0 >> 16, False, FULL_ALIGNED)
+    if MOMENTUM:
+        _q8_store(b_addr, start, n16, offs, rows, code_mask, row_mask, b, h1 & 0xFFFF, True, FULL_ALIGNED)
+    if CENTERED:
+        _q8_store(a_addr, start, n16, offs, rows, code_mask, row_mask, a, h1 >> 16, True, FULL_ALIGNED)
+    _store(p_addr, start, offs, mask, p, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, h0 & 0xFFFF)
+
+
+@triton.jit
+def _update_chunk_q8(
+    p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
+    P_DTYPE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+    EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
+    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The chunk with 8-bit state as two [BLOCK / 32, 16] tiles, row r of a tile being one quantization block:
+    every load of both first (one memory wave), then one tile's math and stores at a time (as _update_chunk)."""
+    ROWS: tl.constexpr = BLOCK // 32
+    rows = tl.arange(0, ROWS)
+    offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
+    n16 = (numel + 15) // 16 * 16
+    s1 = start + ROWS * 16
+    m0 = offs < numel - start
+    m1 = offs < numel - s1
+    c0 = rows[:, None] * 16 < numel - start  # whole blocks (padding included) for codes, rows for scales
+    c1 = rows[:, None] * 16 < numel - s1
+    r0 = rows * 16 < numel - start
+    r1 = rows * 16 < numel - s1
+    if FULL_ALIGNED:
+        m0, m1, c0, c1, r0, r1 = None, None, None, None, None, None
+    vc0, vs0 = _q8_raw(v_addr, start, n16, offs, rows, c0, r0, FULL_ALIGNED)
+    vc1, vs1 = _q8_raw(v_addr, s1, n16, offs, rows, c1, r1, FULL_ALIGNED)
+    bc0, bs0, bc1, bs1 = vc0, vs0, vc1, vs1
+    ac0, as0, ac1, as1 = vc0, vs0, vc1, vs1
+    if MOMENTUM:
+        bc0, bs0 = _q8_raw(b_addr, start, n16, offs, rows, c0, r0, FULL_ALIGNED)
+        bc1, bs1 = _q8_raw(b_addr, s1, n16, offs, rows, c1, r1, FULL_ALIGNED)
+    if CENTERED:
+        ac0, as0 = _q8_raw(a_addr, start, n16, offs, rows, c0, r0, FULL_ALIGNED)
+        ac1, as1 = _q8_raw(a_addr, s1, n16, offs, rows, c1, r1, FULL_ALIGNED)
+    p0 = _load(p_addr, start, offs, m0, P_DTYPE, FULL_ALIGNED)
+    g0 = _load(g_addr, start, offs, m0, P_DTYPE, FULL_ALIGNED)
+    p1 = _load(p_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
+    g1 = _load(g_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
+    _update_tile_q8(p0, g0, vc0, vs0, bc0, bs0, ac0, as0, p_addr, v_addr, b_addr, a_addr, start, numel, n16, rows,
+                    offs, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
+                    P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE, LR_IN_MOMENTUM,
+                    NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, SR, FULL_ALIGNED, NATIVE_BF16)
+    _update_tile_q8(p1, g1, vc1, vs1, bc1, bs1, ac1, as1, p_addr, v_addr, b_addr, a_addr, s1, numel, n16, rows,
+                    offs, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
+                    P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE, LR_IN_MOMENTUM,
+                    NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, SR, FULL_ALIGNED, NATIVE_BF16)
+
+
+@triton.jit
 def _rmsprop_kernel(
     tensors, blocks, hyper_ptrs, hyper_vals, grad_scale_ptr, found_inf_ptr,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
@@ -253,7 +403,8 @@ def _rmsprop_kernel(
         if GRAD_SCALE:
             grad_scale = tl.load(grad_scale_ptr)
         key = tl.full((), 0, tl.uint32)
-        if STOCHASTIC_ROUNDING:  # the random stream of this tensor at this step (the host advances the counter)
+        if STOCHASTIC_ROUNDING or (tl.uint8 == S_DTYPE):  # the random stream of this tensor at this step (16-bit
+            # stores with SR, 8-bit codes always; the host advances the counter)
             t_now = tl.load(step_addr.to(tl.pointer_type(tl.float32))).to(tl.int32).to(tl.uint32)
             key = _stream_key(tl.load(h + 9).to(tl.uint32, bitcast=True), t_now, (info >> 32).to(tl.uint32))
         inv_bc = 1.0
@@ -268,7 +419,20 @@ def _rmsprop_kernel(
                 e = e >> 1
             inv_bc = tl.div_rn(1.0 + alpha * 0.0, 1.0 - acc)
         aligned = ((p_addr | g_addr | v_addr | b_addr | a_addr) & 15) == 0
-        if aligned and (start + BLOCK <= numel):
+        if tl.uint8 == S_DTYPE:  # 8-bit blockwise state
+            if aligned and (start + BLOCK <= numel):
+                _update_chunk_q8(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
+                                 lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
+                                 key, P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
+                                 LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING, True,
+                                 NATIVE_BF16, BLOCK)
+            else:
+                _update_chunk_q8(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
+                                 lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
+                                 key, P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
+                                 LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING, False,
+                                 NATIVE_BF16, BLOCK)
+        elif aligned and (start + BLOCK <= numel):
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
                           lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
@@ -280,7 +444,8 @@ def _rmsprop_kernel(
                           P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
                           LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING, False,
                           NATIVE_BF16, BLOCK)
-        if not (BIAS_CORRECTION or STOCHASTIC_ROUNDING):  # noqa: SIM102  (constexpr; else the host advances them)
+        if not (BIAS_CORRECTION or STOCHASTIC_ROUNDING or (tl.uint8 == S_DTYPE)):  # noqa: SIM102  (constexpr;
+            # else the host advances the counters)
             if (chunk == 0) and (step_addr != 0):
                 sp = step_addr.to(tl.pointer_type(tl.float32))
                 tl.store(sp, tl.load(sp) + 1.0)

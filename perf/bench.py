@@ -49,6 +49,8 @@ VARIANTS = {
     "centered": dict(param=torch.float32, state=None, opts=dict(centered=True)),
     "centered_momentum": dict(param=torch.float32, state=None, opts=dict(centered=True, momentum=0.9)),
     "bf16_fp32_state": dict(param=torch.bfloat16, state=torch.float32, opts={}),
+    # 8-bit blockwise state (state_bits=8; tensors under 4096 elements keep 32-bit state): ours only
+    "centered_momentum_8bit": dict(param=torch.float32, state=torch.uint8, opts=dict(centered=True, momentum=0.9)),
     # the seed's formula p -= lr * g / sqrt(E[g^2] + eps), as TF1, Keras and optax define RMSprop: torch.optim has
     # no such option, so its baselines here are Keras 3 (torch backend) and TF1's per-variable kernel layout
     "seed_formula": dict(param=torch.float32, state=None, opts=dict(eps_in_sqrt=True)),
@@ -155,8 +157,9 @@ class Ours(Provider):
 
     def build(self, params, variant):
         v = VARIANTS[variant]
-        opt = rmsprop_gpu.RMSprop(params, lr=LR, backend=self.backend, state_dtype=v["state"],
-                                  capturable=self.capturable, **v["opts"])
+        q8 = v["state"] == torch.uint8
+        opt = rmsprop_gpu.RMSprop(params, lr=LR, backend=self.backend, state_dtype=None if q8 else v["state"],
+                                  state_bits=8 if q8 else 32, capturable=self.capturable, **v["opts"])
         return opt.step
 
 
@@ -503,7 +506,8 @@ def run(args, on_row=None) -> dict:
     for name, why in skipped.items():
         print(f"# skipping {name}: {why}")
     provs = [p for p in provs if p.name not in skipped]
-    variants = args.variants or (["plain", "centered_momentum", "bf16_fp32_state"] if args.gpu_check
+    variants = args.variants or (["plain", "centered_momentum", "bf16_fp32_state", "centered_momentum_8bit"]
+                                 if args.gpu_check
                                  else list(VARIANTS))
     result = {"environment": env, "copy_gbps": copy_gbs, "skipped": skipped, "rows": []}
     # eager providers over every workload first, torch.compile (minutes to build) after them

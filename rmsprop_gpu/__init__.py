@@ -5,8 +5,8 @@ Importing this package touches no device and imports neither triton nor cupy.
 
 from .backends import ENV_VAR, BackendUnavailableError, available_backends
 from .functional import RMSpropPlan, rmsprop, which_backend
-from .optimizer import RMSprop
+from .optimizer import RMSprop, float_state_dict
 
 __version__ = "0.1.0"
-__all__ = ["RMSprop", "RMSpropPlan", "rmsprop", "which_backend", "available_backends", "BackendUnavailableError",
-           "ENV_VAR", "__version__"]
+__all__ = ["RMSprop", "float_state_dict", "RMSpropPlan", "rmsprop", "which_backend", "available_backends",
+           "BackendUnavailableError", "ENV_VAR", "__version__"]

@@ -18,6 +18,7 @@ STATE_KEYS = ("square_avg", "momentum_buffer", "grad_avg")
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 SIXTEEN_BIT = ("float16", "bfloat16")
+KERNEL_PARAM_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class Hyper(NamedTuple):
@@ -144,6 +145,8 @@ def _check_state(i: int, name: str, param, state, param_dtype: str) -> str:
         raise ValueError(f"{name}[{i}] is missing")
     if arr.is_sparse(state):
         raise RuntimeError(f"{name}[{i}] is sparse; RMSprop state must be dense")
+    if arr.dtype_name(state) == "uint8":  # 8-bit blockwise state (rmsprop_gpu/quantize.py)
+        return _check_quantized_state(i, name, param, state, param_dtype)
     if tuple(state.shape) != tuple(param.shape):
         raise ValueError(f"{name}[{i}] has shape {tuple(state.shape)}, its param {tuple(param.shape)}")
     if arr.device_of(state) != arr.device_of(param):
@@ -155,6 +158,22 @@ def _check_state(i: int, name: str, param, state, param_dtype: str) -> str:
             + (" or float32" if param_dtype in SIXTEEN_BIT else "")
         )
     return sd
+
+
+def _check_quantized_state(i: int, name: str, param, state, param_dtype: str) -> str:
+    from .quantize import q8_nbytes
+
+    if param_dtype not in KERNEL_PARAM_DTYPES:
+        raise ValueError(f"{name}[{i}] is 8-bit state (uint8), which float32 / float16 / bfloat16 params take; its "
+                         f"param is {param_dtype}")
+    need = q8_nbytes(arr.numel(param))
+    if len(state.shape) != 1 or arr.numel(state) != need or not arr.is_contiguous(state):
+        raise ValueError(f"{name}[{i}] is 8-bit state (uint8) of shape {tuple(state.shape)}; a param of "
+                         f"{arr.numel(param)} elements needs a contiguous 1-D tensor of {need} bytes "
+                         "(rmsprop_gpu.quantize.zeros_state)")
+    if arr.device_of(state) != arr.device_of(param):
+        raise ValueError(f"{name}[{i}] is on {arr.device_of(state)}, its param on {arr.device_of(param)}")
+    return "uint8"
 
 
 def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, hyper: Hyper) -> list[Group]:

@@ -8,13 +8,16 @@ from operator import is_, itemgetter
 import torch
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, quantize
 from ._contract import STATE_KEYS, check_float32_range, validate_hyperparameters
 from .functional import RMSpropPlan
 from .in_backward import InBackward
 from .plan import SWITCHES, StepPlan, check_groups, check_sr_seed, make_hyper, prepare, structure
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+# options torch.optim.RMSprop does not have (a torch checkpoint lacks them)
+_EXTENSION_KEYS = ("eps_in_sqrt", "state_dtype", "backend", "initial_accumulator_value", *SWITCHES, "sr_seed",
+                   "state_bits")
 # values a step reads besides lr (compared by identity: a tensor lr must not be compared by value on the host)
 _lr_of = itemgetter("lr")
 _hyper_values = itemgetter("alpha", "eps", "weight_decay", "momentum", "centered", "maximize", "eps_in_sqrt",
@@ -32,6 +35,11 @@ class RMSprop(Optimizer):
       stochastic_rounding: 16-bit params and state (fp16, bf16) round stochastically on store (unbiased: small
                    updates survive in expectation), from a counter-based stream of (sr_seed, step, tensor,
                    element): reproducible per seed and step. sr_seed: an integer in [0, 2**32), per param group.
+      state_bits:  8 keeps square_avg / momentum_buffer / grad_avg as 8-bit codes with a scale per block of 16
+                   elements (rmsprop_gpu/quantize.py: 1.0625 bytes per element instead of 4), updated in the same
+                   single pass; tensors under 4096 elements keep 32-bit state. state_dict() holds the uint8
+                   tensors; load_state_dict() converts float state (e.g. torch's) to 8-bit and back as the group
+                   asks, and rmsprop_gpu.float_state_dict(opt) gives a state_dict torch.optim.RMSprop loads.
       in_backward: update during loss.backward() (rmsprop_gpu/in_backward.py): params are stepped in buckets of
                    about bucket_mb as their grads arrive, and their grads released; step() then does nothing.
                    accumulation_steps=k updates on every k-th backward.
@@ -48,7 +56,8 @@ class RMSprop(Optimizer):
                  capturable=False, foreach=None, maximize=False, differentiable=False, *,
                  eps_in_sqrt=False, state_dtype=None, backend=None, in_backward=False, bucket_mb=25,
                  accumulation_steps=1, initial_accumulator_value=0.0, lr_in_momentum=False, nesterov=False,
-                 decoupled_weight_decay=False, bias_correction=False, stochastic_rounding=False, sr_seed=0):
+                 decoupled_weight_decay=False, bias_correction=False, stochastic_rounding=False, sr_seed=0,
+                 state_bits=32):
         validate_hyperparameters(lr, alpha, eps, weight_decay, momentum)
         if not 0.0 <= float(initial_accumulator_value) < float("inf"):
             raise ValueError(f"Invalid initial_accumulator_value: {initial_accumulator_value}")
@@ -65,6 +74,10 @@ class RMSprop(Optimizer):
             raise ValueError("in_backward=True cannot be differentiable: the update runs inside backward")
         if differentiable and eps_in_sqrt:
             raise ValueError("differentiable=True runs torch's own step, which has no eps_in_sqrt")
+        if isinstance(state_bits, bool) or state_bits not in (8, 32):
+            raise ValueError(f"state_bits must be 32 (float state) or 8 (8-bit blockwise state), got {state_bits!r}")
+        if state_bits == 8 and differentiable:
+            raise ValueError("differentiable=True runs torch's own step, which keeps float state: no state_bits=8")
         if state_dtype not in (None, torch.float32):
             raise ValueError(f"state_dtype must be None (the param's dtype) or torch.float32, got {state_dtype}")
         backends.requested_name(backend)  # unknown names fail here, not at the first step
@@ -72,7 +85,7 @@ class RMSprop(Optimizer):
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, eps_in_sqrt=eps_in_sqrt, state_dtype=state_dtype,
                         backend=backend, initial_accumulator_value=float(initial_accumulator_value), **switches,
-                        sr_seed=sr_seed)
+                        sr_seed=sr_seed, state_bits=int(state_bits))
         self._in_backward = InBackward(self, bucket_mb, accumulation_steps) if in_backward else None
         super().__init__(params, defaults)
 
@@ -112,13 +125,21 @@ class RMSprop(Optimizer):
             for key, default in (("momentum", 0), ("centered", False), ("foreach", None), ("maximize", False),
                                  ("differentiable", False), ("capturable", False), ("eps_in_sqrt", False),
                                  ("state_dtype", None), ("backend", None), ("initial_accumulator_value", 0.0),
-                                 ("sr_seed", 0), *((k, False) for k in SWITCHES)):
+                                 ("sr_seed", 0), ("state_bits", 32), *((k, False) for k in SWITCHES)):
                 group.setdefault(key, default)
 
     @staticmethod
     def _state_dtype(p: torch.Tensor, group) -> torch.dtype:
         sd = group.get("state_dtype")
         return sd if (sd is not None and p.dtype in _SIXTEEN_BIT) else p.dtype
+
+    @staticmethod
+    def _quantized(p: torch.Tensor, group) -> bool:
+        """Whether p's new state is 8-bit: state_bits=8 and p large enough (refused for params it cannot take)."""
+        if group.get("state_bits", 32) != 8:
+            return False
+        quantize.check_quantizable_dtype(p)
+        return quantize.quantizable(p)
 
     def _gather(self, group, pending: dict, params=None, grads=None):
         """Params with grads (of the group, or these of it; grads by id(param) when given, else p.grad) and their
@@ -142,10 +163,14 @@ class RMSprop(Optimizer):
                     on_device = group["capturable"] or p.device.type == "cuda"
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
                 for key in missing:
+                    fill = group.get("initial_accumulator_value", 0.0) if key == "square_avg" else 0.0
+                    if self._quantized(p, group):
+                        state[key] = quantize.zeros_state(p, fill, key)
+                        continue
                     state[key] = torch.zeros_like(p, dtype=self._state_dtype(p, group),
                                                   memory_format=torch.preserve_format)
-                    if key == "square_avg" and group.get("initial_accumulator_value"):  # TF1: 1, optax initial_scale
-                        state[key].fill_(group["initial_accumulator_value"])
+                    if fill:  # TF1: 1, optax initial_scale
+                        state[key].fill_(fill)
                 pending[p] = state
             out["params"].append(p)
             out["grads"].append(grad)
@@ -332,16 +357,30 @@ class RMSprop(Optimizer):
             len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)
         ):
             raise ValueError("loaded state dict has a different number of parameter groups or parameters")
+        # a checkpoint without this class's own options (torch.optim.RMSprop's) keeps the ones this optimizer
+        # was built with (state_bits, backend, ...) instead of their defaults
+        saved_groups = state_dict["param_groups"] = [
+            {**{k: g[k] for k in _EXTENSION_KEYS if k in g}, **s} for g, s in zip(groups, saved_groups)]
         params_by_id = {pid: p for g, s in zip(groups, saved_groups) for pid, p in zip(s["params"], g["params"])}
+        group_by_id = {pid: s for s in saved_groups for pid in s["params"]}
         for pid, st in state_dict["state"].items():
             p = params_by_id.get(pid)
             if p is None:
                 raise ValueError(f"loaded state dict has state for unknown param id {pid}")
+            if any(key in st for key in STATE_KEYS):
+                self._quantized(p, group_by_id[pid])  # refuses (before loading anything) params 8-bit cannot take
             unknown = set(st) - {"step", *STATE_KEYS}
             if unknown:
                 raise ValueError(f"loaded state for param {pid} has unknown keys {sorted(unknown)}")
             for key in STATE_KEYS:
-                if key in st and tuple(st[key].shape) != tuple(p.shape):
+                if key not in st:
+                    continue
+                if quantize.is_quantized(st[key]):  # 8-bit state: flat codes and scales
+                    need = quantize.q8_nbytes(quantize.real_numel(p))
+                    if tuple(st[key].shape) != (need,):
+                        raise ValueError(f"loaded {key} of param {pid} is 8-bit state of shape "
+                                         f"{tuple(st[key].shape)}; the param needs ({need},)")
+                elif tuple(st[key].shape) != tuple(p.shape):
                     raise ValueError(f"loaded {key} of param {pid} has shape {tuple(st[key].shape)}, "
                                      f"the param {tuple(p.shape)}")
             if "step" in st and torch.is_tensor(st["step"]) and st["step"].numel() != 1:
@@ -359,9 +398,17 @@ class RMSprop(Optimizer):
                 live = self.state.get(p)
                 if live is None:
                     continue
-                for key in STATE_KEYS:  # torch casts floating state to the param dtype: keep float32 state
-                    if key in st and self._state_dtype(p, g) != p.dtype:
-                        live[key] = st[key].to(device=p.device, dtype=self._state_dtype(p, g), copy=True)
+                for key in STATE_KEYS:
+                    if key not in st:
+                        continue
+                    saved = st[key]
+                    if self._quantized(p, g) != quantize.is_quantized(saved):  # convert to what the group keeps
+                        live[key] = (quantize.quantize_state(saved, p, key) if self._quantized(p, g) else
+                                     quantize.dequantize_state(saved, p, key, self._state_dtype(p, g)))
+                    elif quantize.is_quantized(saved):  # torch cast the codes to the param's dtype: the bytes
+                        live[key] = saved.to(device=p.device, copy=True)
+                    elif self._state_dtype(p, g) != p.dtype:  # torch casts float state to the param's dtype
+                        live[key] = saved.to(device=p.device, dtype=self._state_dtype(p, g), copy=True)
                 if "step" in live:  # float32 counters, on the param's device for CUDA params or capturable
                     step = live["step"]
                     device = p.device if (g["capturable"] or p.device.type == "cuda") else torch.device("cpu")
@@ -369,6 +416,20 @@ class RMSprop(Optimizer):
                         live["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
                     elif step.dtype != torch.float32 or step.device != device:
                         live["step"] = step.to(device=device, dtype=torch.float32).reshape(())
+
+
+def float_state_dict(optimizer: RMSprop) -> dict:
+    """optimizer.state_dict() with every 8-bit state tensor decoded to float32 in its param's shape (and layout),
+    so that torch.optim.RMSprop (or this class with state_bits=32) loads it. The way back needs no helper:
+    RMSprop(..., state_bits=8).load_state_dict(sd) encodes float state."""
+    sd = optimizer.state_dict()
+    params = {pid: p for g, s in zip(optimizer.param_groups, sd["param_groups"])
+              for pid, p in zip(s["params"], g["params"])}
+    state = {}
+    for pid, st in sd["state"].items():
+        state[pid] = {k: quantize.dequantize_state(x, params[pid], k) if k in STATE_KEYS and quantize.is_quantized(x)
+                      else x for k, x in st.items()}
+    return {"state": state, "param_groups": [{**s, "state_bits": 32} for s in sd["param_groups"]]}
 
 
 def _bucket_plan(t: dict, group: dict) -> RMSpropPlan:

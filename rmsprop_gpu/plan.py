@@ -72,8 +72,11 @@ def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, st
                                               for g in groups):
         raise ValueError("stochastic_rounding=True rounds 16-bit (float16 / bfloat16) params or state; this param "
                          "group has none")
-    for g in groups:
-        g.read_steps = hyper.bias_correction or hyper.stochastic_rounding
+    if not state_steps and any(g.state_dtype == "uint8" for g in groups):
+        raise ValueError("8-bit state needs state_steps (each param's step count seeds the stochastic rounding of "
+                         "its codes)")
+    for g in groups:  # the kernels read these counters (the host advances them after the launch)
+        g.read_steps = hyper.bias_correction or hyper.stochastic_rounding or g.state_dtype == "uint8"
     if foreach is False:  # torch's for-loop layout: one launch per tensor
         groups = [one for g in groups for one in g.split()]
     out = []

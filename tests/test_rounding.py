@@ -10,20 +10,13 @@ import torch
 
 import rmsprop_gpu
 from rmsprop_gpu import rmsprop
+from tests.oracle import mix32 as _mix32
 
 BACKENDS = ["torch", "triton", "cupy"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------- an independent reference (numpy, uint32)
-def _mix32(x):
-    x = np.asarray(x, dtype=np.uint32)
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> np.uint32(16))
-        x = x * np.uint32(0x7FEB352D)
-        x = x ^ (x >> np.uint32(15))
-        x = x * np.uint32(0x846CA68B)
-        return x ^ (x >> np.uint32(16))
 
 
 def reference_round(x32: np.ndarray, dtype: str, seed: int, step: int, row: int, output: int) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 tensor table: int64 [T, ROW]: addresses of param, grad, square_avg, momentum_buffer, grad_avg, step
               (0 where absent or where the step counter lives on the host), numel, and the tensor's slot:
-              its row in the hyperparameter table (one slot per param group sharing the launch).
+              its row in the hyperparameter table (one slot per param group sharing the launch). 8-bit state
+              (uint8: rmsprop_gpu/quantize.py) is one address too: codes, then the blocks' scale bytes.
 block list:   int64 [B]: (tensor index << 32) | chunk index; a kernel program / CUDA block updates
               elements [chunk * BLOCK, min((chunk + 1) * BLOCK, numel)) of that tensor. Every tensor owns
               at least one block, so zero-element tensors still get their step counter advanced.
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import _arrays as arr
+from .._contract import KERNEL_PARAM_DTYPES as KERNEL_DTYPES
 from .._contract import Group, Hyper
 from .base import advance_steps
 
@@ -36,7 +38,6 @@ ROW = 8  # int64 fields per tensor: p, g, v, buf, grad_avg, step, numel, slot
 HYPER_ROW = 8  # int64 fields per slot (16 float32)
 H_LR, H_ALPHA, H_ONE_MINUS_ALPHA, H_EPS, H_WEIGHT_DECAY, H_MOMENTUM, H_SIGN = range(2, 9)  # float32 columns
 H_SEED = 9  # uint32 column
-KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 
 # flag bits: compile-time switches of both kernels (Triton constexprs, CUDA C template parameter)
 (MAXIMIZE, WEIGHT_DECAY, EPS_IN_SQRT, LR_ON_DEVICE, GRAD_SCALE, FOUND_INF, LR_IN_MOMENTUM, NESTEROV,
@@ -63,10 +64,9 @@ def variant_flags(hypers: list[Hyper], lr_on_device: bool) -> int:
 
 
 def kernel_unsupported_reason(group: Group, hyper: Hyper | None = None) -> str | None:
-    if hyper is not None and (hyper.bias_correction or hyper.stochastic_rounding) and any(
-            s.device != group.device or s.dtype != torch.float32 for s in group.steps or ()):
-        return ("bias_correction / stochastic_rounding need float32 step counters on the params' device (the "
-                "kernel reads them)")
+    if group.read_steps and any(s.device != group.device or s.dtype != torch.float32 for s in group.steps or ()):
+        return ("bias_correction / stochastic_rounding / 8-bit state need float32 step counters on the params' "
+                "device (the kernel reads them)")
     if group.param_dtype not in KERNEL_DTYPES:
         return f"params of dtype {group.param_dtype} (kernels take {', '.join(KERNEL_DTYPES)})"
     return None
@@ -309,9 +309,11 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
             if states is None:
                 row.append(None)
             else:
-                row.append(slot(states[i], p.shape, strides, True))
+                s = states[i]
+                quantized = arr.dtype_name(s) == "uint8"  # flat, already in the kernel's order: no temporary
+                row.append(s if quantized else slot(s, p.shape, strides, True))
                 if torch_tensors:
-                    written.append(states[i])
+                    written.append(s)
         step_ptr = 0
         if group.steps is not None:
             s = group.steps[i]

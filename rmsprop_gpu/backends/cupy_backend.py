@@ -34,8 +34,8 @@ from ._tables import (
 from .base import Backend
 
 THREADS = 128  # BLOCK / THREADS = 16 elements per thread per chunk (kernels/rmsprop.cu: RMSPROP_THREADS)
-_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
-_CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16"}
+_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "uint8": "q8"}  # uint8 state: 8-bit blockwise
+_CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16", "uint8": "q8"}
 _LAYOUT = {(False, False): "plain", (True, False): "momentum", (False, True): "centered",
            (True, True): "centered_momentum"}
 assert BLOCK == 2048  # kernels/rmsprop.cu hard-codes the chunk size of the table contract

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._contract import Group, Hyper
+from ..quantize import decode, encode, from_kernel_order, kernel_order
 from .base import Backend, advance_steps
 
 CPU_BATCH = 1 << 19  # elements per batch: 4-5 fp32 arrays of it (8-10 MB) stay in a 32 MB L3 cache
@@ -37,6 +38,13 @@ def stream_key(seed: int, step: int, row: int) -> int:
     return mix32(seed ^ mix32((step + 0x9E3779B9 * (row + 1)) & M32))
 
 
+def stream_bits(key: int, start: int, n: int, output: int, device) -> torch.Tensor:
+    """16 random bits (int64) for elements start..start+n of output o (0 p, 1 square_avg, 2 momentum_buffer,
+    3 grad_avg): the low or high half of mix32(key ^ (i * 2 + o // 2)), the low half for even o."""
+    idx = torch.arange(start, start + n, device=device, dtype=torch.int64)
+    return (mix32(key ^ ((idx * 2 + output // 2) & M32)) >> (16 * (output % 2))) & 0xFFFF
+
+
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: int, output: int) -> torch.Tensor:
     """float32 x (flat, in memory order) -> dtype (float16 / bfloat16), rounded stochastically exactly as the
     kernels do (kernels/rmsprop.cu: from_float_sr): element i's output o (0 p, 1 square_avg, 2 momentum_buffer,
@@ -44,8 +52,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: int, output: int)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     for lo in range(0, x.numel(), SR_CHUNK):
         xs = x[lo:lo + SR_CHUNK]
-        idx = torch.arange(lo, lo + xs.numel(), device=x.device, dtype=torch.int64)
-        r16 = (mix32(key ^ ((idx * 2 + output // 2) & M32)) >> (16 * (output % 2))) & 0xFFFF
+        r16 = stream_bits(key, lo, xs.numel(), output, x.device)
         bits = xs.view(torch.int32).to(torch.int64) & M32
         if dtype == torch.bfloat16:
             y = torch.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, ((bits + r16) >> 16) & 0xFFFF)
@@ -81,7 +88,7 @@ def cache_batches(group: Group, batch: int | None = None) -> list[Group]:
     """The group as batches of about `batch` (CPU_BATCH) elements: contiguous tensors cut into flat views, others
     whole. Batches carry no step counters (the caller advances them once per tensor)."""
     batch = batch or CPU_BATCH
-    if group.device.type != "cpu" or sum(p.numel() for p in group.params) <= batch:
+    if group.device.type != "cpu" or group.state_dtype == "uint8" or sum(p.numel() for p in group.params) <= batch:
         return [group]
     lists = (group.params, group.grads, group.square_avgs, group.momentum_buffers, group.grad_avgs)
 
@@ -127,7 +134,10 @@ class TorchBackend(Backend):
         found_inf = hypers[0].found_inf
         if found_inf is not None and bool(found_inf.item() != 0):  # reference path: a host read is fine here
             return
-        if len(hypers) == 1 and not group.read_steps:
+        if group.state_dtype == "uint8":
+            for g, h in group.by_slot(hypers):
+                self._run_quantized(g, h)
+        elif len(hypers) == 1 and not group.read_steps:
             for batch in prepared:
                 self._math(batch, hypers[0])
         else:  # one hyper per slot; bias correction and SR read each tensor's step, so whole tensors
@@ -136,7 +146,30 @@ class TorchBackend(Backend):
                     self._math(batch, h)
         advance_steps(group.steps, None)
 
-    def _math(self, group: Group, hyper: Hyper) -> None:
+    def _run_quantized(self, group: Group, hyper: Hyper) -> None:
+        """8-bit state (rmsprop_gpu/quantize.py), one tensor at a time: decode to float32 in the kernels' element
+        order, the same float32 math (var clamped at 0: quantized v and grad_avg can cross), encode with the
+        stochastic-rounding stream of (sr_seed, step, row)."""
+        for row in range(len(group)):
+            p = group.params[row]
+            flat_p, flat_g = kernel_order(p, p), kernel_order(group.grads[row], p)
+            n = flat_p.numel()
+            qs = (group.square_avgs[row], None if group.momentum_buffers is None else group.momentum_buffers[row],
+                  None if group.grad_avgs is None else group.grad_avgs[row])
+            v, b, a = (None if q is None else decode(q, n, signed) for q, signed in zip(qs, (False, True, True)))
+            v = v * v  # the stored root, squared
+            one = Group(group.device, group.param_dtype, "float32", [flat_p], [flat_g], [v],
+                        None if b is None else [b], None if a is None else [a],
+                        None if group.steps is None else [group.steps[row]], read_steps=group.read_steps)
+            self._math(one, hyper, clamp_var=True, row0=row)
+            if flat_p.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():  # p went through a copy
+                p.copy_(from_kernel_order(flat_p, p))
+            key = stream_key(hyper.sr_seed, int(group.steps[row]), row)  # a host read: the reference path
+            for out_id, (q, x, signed) in enumerate(zip(qs, (v.sqrt(), b, a), (False, True, True)), start=1):
+                if q is not None:  # codes round stochastically: an average's small steps survive in expectation
+                    encode(x, signed, out=q, r16=stream_bits(key, 0, n, out_id, x.device))
+
+    def _math(self, group: Group, hyper: Hyper, clamp_var: bool = False, row0: int = 0) -> None:
         cdt = torch.float64 if group.param_dtype == "float64" else torch.float32
         params, grads, vs = group.params, group.grads, group.square_avgs
         P = _compute_copies(params, cdt)
@@ -170,7 +203,7 @@ class TorchBackend(Backend):
             torch._foreach_lerp_(A, G, 1 - alpha)
             avg = [a / b for a, b in zip(A, bc)] if hyper.bias_correction else A
             var = torch._foreach_addcmul(var, avg, avg, value=-1)
-            if hyper.bias_correction:  # rounding can make v - ga^2 slightly negative at step 1: clamp (optax: NaN)
+            if hyper.bias_correction or clamp_var:  # v - ga^2 < 0 by rounding at step 1, or by quantization
                 torch._foreach_clamp_min_(var, 0.0)
         if var is not V:  # var is already a temporary: sqrt in place
             denom = var
@@ -213,7 +246,7 @@ class TorchBackend(Backend):
                 continue
             if hyper.stochastic_rounding and dst[0].dtype in (torch.float16, torch.bfloat16):
                 for row, (d, x, s) in enumerate(zip(dst, src, group.steps)):
-                    key = stream_key(hyper.sr_seed, int(s), row)  # a host read: the reference path
+                    key = stream_key(hyper.sr_seed, int(s), row0 + row)  # a host read: the reference path
                     order = _memory_order(d)
                     d_mem = d.permute(order)  # dense: contiguous in memory order
                     d_mem.copy_(stochastic_round(x.permute(order).reshape(-1), d.dtype, key, out_id).view(

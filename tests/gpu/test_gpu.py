@@ -508,3 +508,50 @@ def test_compiled_training_step_reduce_overhead(backend):
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("pdt", [F32, F16, BF16], ids=name)
+def test_8_bit_state_on_device_against_the_quantizing_oracle(variant, pdt):
+    """state_bits=8 layouts, compiled: one step against the float64 oracle that decodes and encodes the same way
+    (tests/test_state_bits.py on the CPU), several chunks with a tail; Triton and CUDA C write the same codes but
+    where their float32 math (each compiler's FMA contraction) straddles a code boundary."""
+    import numpy as np
+
+    from rmsprop_gpu import quantize
+    from tests.oracle import q8_decode, q8_encode, stream_r16
+    from tests.tolerances import Q8_CODES
+
+    opts = VARIANTS[variant]
+    gen = torch.Generator().manual_seed(zlib.crc32(f"q8{variant}{pdt}".encode()))
+    n = 3 * 2048 + 21 if not ON_CUDA else 100_003
+    p = rand(gen, n, pdt)
+    g = rand(gen, n, pdt)
+    a0 = torch.randn(n, generator=gen, dtype=torch.float64) * 0.1
+    v0 = a0 * a0 + torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    states = {"square_avg": quantize.encode(v0.sqrt().float(), False).to(DEVICE),
+              "momentum_buffer": quantize.encode(torch.randn(n, generator=gen), True).to(DEVICE),
+              "grad_avg": quantize.encode(a0.float(), True).to(DEVICE)}
+    keys = ["square_avg"] + ["momentum_buffer"] * ("momentum" in opts) + ["grad_avg"] * bool(opts.get("centered"))
+    dec = {k: torch.from_numpy(q8_decode(states[k].cpu().numpy(), n, k != "square_avg")) for k in keys}
+    kw = dict(lr=0.01, alpha=0.9, eps=1e-6, weight_decay=0.01, **opts)
+    want = reference_step(p.cpu(), g.cpu(), dec["square_avg"] ** 2, dec.get("momentum_buffer"), dec.get("grad_avg"),
+                          clamp_var=True, **kw)
+    out = {}
+    for backend in KERNELS:
+        q, s = p.clone(), {k: states[k].clone() for k in keys}
+        steps = [torch.full((), 3.0, device=DEVICE)]
+        rmsprop_gpu.rmsprop([q], [g], [s["square_avg"]], [s["grad_avg"]] if "grad_avg" in s else None,
+                            [s["momentum_buffer"]] if "momentum_buffer" in s else None, steps, backend=backend,
+                            sr_seed=17, **kw)
+        assert float(steps[0]) == 4.0
+        torch.testing.assert_close(q.double().cpu(), want[0], **ORACLE[name(pdt)])
+        for output, (k, exp) in enumerate(zip(("square_avg", "momentum_buffer", "grad_avg"),
+                                              (want[1].sqrt(), want[2], want[3])), start=1):
+            if k in s:  # codes round stochastically with the stream of (seed 17, step 3, row 0)
+                codes = q8_encode(exp.float().numpy(), k != "square_avg", stream_r16(17, 3, 0, n, output))
+                assert (s[k].cpu().numpy() == codes).mean() >= Q8_CODES["same_fraction"], (backend, k)
+        out[backend] = [q] + [s[k] for k in keys]
+    for a, b in zip(out["triton"][1:], out["cupy"][1:]):
+        assert (a == b).float().mean().item() >= Q8_CODES["same_fraction"]
+    assert np.isfinite(out["triton"][0].float().cpu().numpy()).all()
