@@ -345,10 +345,18 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
   u32 h0[16], h1[16];  // random bits: p (low half, with sr) and square_avg; momentum_buffer and grad_avg
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
-    vv[k] = vv[k] * vv[k];  // square_avg stores sqrt(v)
+    // square_avg stores sqrt(v), centered sqrt(v - ga^2): the variance itself, so its quantization error is
+    // relative to the variance, not to v (v - ga^2 cancels where grads are steady)
+    vv[k] = vv[k] * vv[k];
+    if (CENTERED) vv[k] = vv[k] + av[k] * av[k];
     update<MOMENTUM, CENTERED, true>(pv[k], gv[k], vv[k], bv[k], av[k], h);
-    if (!full && i + k >= numel) vv[k] = bv[k] = av[k] = 0.0f;  // padding encodes as 0
-    root[k] = __fsqrt_rn(vv[k]);
+    float kept = vv[k];
+    if (CENTERED) {
+      kept = vv[k] - av[k] * av[k];
+      if (kept < 0.0f) kept = 0.0f;
+    }
+    if (!full && i + k >= numel) kept = bv[k] = av[k] = 0.0f;  // padding encodes as 0
+    root[k] = __fsqrt_rn(kept);
     h0[k] = pair_bits(key, i + k, 0u);
     h1[k] = (MOMENTUM || CENTERED) ? pair_bits(key, i + k, 1u) : 0u;
   }

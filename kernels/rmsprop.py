@@ -288,9 +288,15 @@ def _update_tile_q8(
         b = _q8_decode(bc, bs, True)
     if CENTERED:
         a = _q8_decode(ac, as_, True)
-    p, v, b, a = _update(p, g, v * v, b, a, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
+    v = v * v  # square_avg stores sqrt(v); centered sqrt(v - ga^2), the variance (kernels/rmsprop.cu: q8_chunk)
+    if CENTERED:
+        v = v + a * a
+    p, v, b, a = _update(p, g, v, b, a, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
                          grad_scale, inv_bc, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, True)
+    if CENTERED:
+        v = v - a * a
+        v = tl.where(v < 0.0, 0.0, v)
     mask = offs < numel - start
     code_mask = rows[:, None] * 16 < numel - start  # whole blocks: padding codes are written too
     row_mask = rows * 16 < numel - start

@@ -1,6 +1,6 @@
 """8-bit blockwise state (state_bits=8) against 32-bit state: bytes, training, and the error of one step.
 
-    python perf/state_bits.py [--steps 600] [--seeds 3] [--backend torch] [--out perf/results/state_bits_cpu]
+    python perf/state_bits.py [--steps 200] [--seeds 3] [--backend torch] [--out perf/results/state_bits_cpu]
 
 1. State bytes per parameter: measured on the trained MLP's optimizer, and computed for real models' parameter
    shapes (perf/models.py) with the 4096-element threshold, for each variant (v; v + momentum; v + momentum +
@@ -91,7 +91,8 @@ def one_step_error(run: dict, variant: dict, lr: float, data) -> dict:
             q = p.detach().clone()
             s = {k: st[k].clone() if bits == 32 else quantize.quantize_state(st[k], p, k) for k in keys}
             rmsprop_gpu.rmsprop([q], [p.grad], [s["square_avg"]], [s["grad_avg"]] if "grad_avg" in s else None,
-                                [s["momentum_buffer"]] if "momentum_buffer" in s else None, backend="torch", **hyper)
+                                [s["momentum_buffer"]] if "momentum_buffer" in s else None, [st["step"].clone()],
+                                backend="torch", **hyper)
             want_upd = p64 - p.detach().double()
             got_upd = q.double() - p.detach().double()
             out[f"update_{bits}"].append(((got_upd - want_upd).norm() / want_upd.norm()).item())
@@ -103,7 +104,7 @@ def one_step_error(run: dict, variant: dict, lr: float, data) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--backend", default="torch")

@@ -398,17 +398,15 @@ class RMSprop(Optimizer):
                 live = self.state.get(p)
                 if live is None:
                     continue
-                for key in STATE_KEYS:
-                    if key not in st:
-                        continue
-                    saved = st[key]
-                    if self._quantized(p, g) != quantize.is_quantized(saved):  # convert to what the group keeps
-                        live[key] = (quantize.quantize_state(saved, p, key) if self._quantized(p, g) else
-                                     quantize.dequantize_state(saved, p, key, self._state_dtype(p, g)))
-                    elif quantize.is_quantized(saved):  # torch cast the codes to the param's dtype: the bytes
-                        live[key] = saved.to(device=p.device, copy=True)
-                    elif self._state_dtype(p, g) != p.dtype:  # torch casts float state to the param's dtype
-                        live[key] = saved.to(device=p.device, dtype=self._state_dtype(p, g), copy=True)
+                saved = {k: st[k] for k in STATE_KEYS if k in st}
+                if self._quantized(p, g):  # 8-bit: the saved bytes (torch cast them to the param's dtype), or
+                    saved = quantize.q8_state(saved, p, g["centered"])  # float state encoded
+                elif any(map(quantize.is_quantized, saved.values())):  # 8-bit saved, float kept: decoded
+                    saved = quantize.float_state(saved, p, g["centered"], self._state_dtype(p, g))
+                for key, x in saved.items():
+                    if quantize.is_quantized(x) or self._state_dtype(p, g) != p.dtype or x is not st[key]:
+                        live[key] = x.to(device=p.device, dtype=x.dtype if quantize.is_quantized(x) else
+                                         self._state_dtype(p, g), copy=x is st[key])
                 if "step" in live:  # float32 counters, on the param's device for CUDA params or capturable
                     step = live["step"]
                     device = p.device if (g["capturable"] or p.device.type == "cuda") else torch.device("cpu")
@@ -426,9 +424,9 @@ def float_state_dict(optimizer: RMSprop) -> dict:
     params = {pid: p for g, s in zip(optimizer.param_groups, sd["param_groups"])
               for pid, p in zip(s["params"], g["params"])}
     state = {}
+    centered = {pid: s["centered"] for s in sd["param_groups"] for pid in s["params"]}
     for pid, st in sd["state"].items():
-        state[pid] = {k: quantize.dequantize_state(x, params[pid], k) if k in STATE_KEYS and quantize.is_quantized(x)
-                      else x for k, x in st.items()}
+        state[pid] = quantize.float_state(st, params[pid], centered[pid])
     return {"state": state, "param_groups": [{**s, "state_bits": 32} for s in sd["param_groups"]]}
 
 

@@ -17,7 +17,10 @@ trick), saturating at the largest code. Decoding then encoding gives the same by
 has exponent s again), so a state converted to float and back is unchanged.
 Codes (8-bit floats, exponent bias 15, subnormals, no inf/NaN):
     square_avg       sqrt(v) as unsigned E4M4: 2**-18 .. 1.9375 times the block scale, relative step 1/16
-                     (storing the root halves the error of the denominator sqrt(v) and doubles v's range)
+                     (storing the root halves the error of the denominator sqrt(v) and doubles v's range);
+                     with centered=True sqrt(v - grad_avg**2), the variance, so that its error is relative to
+                     the variance (v - grad_avg**2 cancels where grads are steady: from quantized v and
+                     grad_avg the denominator could be off by any factor); v = variance + grad_avg**2
     momentum_buffer  signed E4M3: +-(2**-17 .. 1.875), relative step 1/8
     grad_avg         signed E4M3
 Every step of it is an exact integer operation or one IEEE float32 multiply (no flush to zero), so the Triton
@@ -159,6 +162,43 @@ def dequantize_state(q: torch.Tensor, param: torch.Tensor, key: str, dtype=torch
     if param.is_complex():
         return torch.view_as_complex(out.contiguous()).to(dtype.to_complex() if not dtype.is_complex else dtype)
     return out.to(dtype)
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _like(x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_complex(x.contiguous()) if param.is_complex() else x
+
+
+def float_state(state: dict, param: torch.Tensor, centered: bool, dtype=torch.float32) -> dict:
+    """One param's state with its 8-bit tensors decoded into torch's meaning (square_avg = v, param's shape);
+    other entries as they are."""
+    out = dict(state)
+    for key in SIGNED:
+        if key in state and is_quantized(state[key]):
+            out[key] = dequantize_state(state[key], param, key)
+    if centered and is_quantized(state.get("square_avg")) and "grad_avg" in out:  # stored: the variance
+        ga = _real(out["grad_avg"]).float()
+        out["square_avg"] = _like(_real(out["square_avg"]) + ga * ga, param)
+    for key in SIGNED:
+        if key in state and is_quantized(state[key]):
+            out[key] = out[key].to(dtype.to_complex() if param.is_complex() else dtype)
+    return out
+
+
+def q8_state(state: dict, param: torch.Tensor, centered: bool) -> dict:
+    """One param's state with its float tensors encoded to 8 bits (centered: square_avg holds the variance)."""
+    out = dict(state)
+    for key in SIGNED:
+        if key in state and not is_quantized(state[key]):
+            x = state[key].to(param.device)
+            if key == "square_avg" and centered and "grad_avg" in state:
+                ga = _real(float_state(state, param, centered)["grad_avg"]).float()
+                x = _like((_real(x).float() - ga * ga).clamp_min(0.0), param)
+            out[key] = quantize_state(x, param, key)
+    return out
 
 
 def zeros_state(param: torch.Tensor, fill: float = 0.0, key: str = "square_avg") -> torch.Tensor:

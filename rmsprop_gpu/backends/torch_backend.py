@@ -157,7 +157,9 @@ class TorchBackend(Backend):
             qs = (group.square_avgs[row], None if group.momentum_buffers is None else group.momentum_buffers[row],
                   None if group.grad_avgs is None else group.grad_avgs[row])
             v, b, a = (None if q is None else decode(q, n, signed) for q, signed in zip(qs, (False, True, True)))
-            v = v * v  # the stored root, squared
+            v = v * v  # the stored root, squared: v, or centered the variance v - ga^2 (quantize.py)
+            if a is not None:
+                v = v + a * a
             one = Group(group.device, group.param_dtype, "float32", [flat_p], [flat_g], [v],
                         None if b is None else [b], None if a is None else [a],
                         None if group.steps is None else [group.steps[row]], read_steps=group.read_steps)
@@ -165,7 +167,8 @@ class TorchBackend(Backend):
             if flat_p.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():  # p went through a copy
                 p.copy_(from_kernel_order(flat_p, p))
             key = stream_key(hyper.sr_seed, int(group.steps[row]), row)  # a host read: the reference path
-            for out_id, (q, x, signed) in enumerate(zip(qs, (v.sqrt(), b, a), (False, True, True)), start=1):
+            kept = v if a is None else (v - a * a).clamp_min_(0.0)
+            for out_id, (q, x, signed) in enumerate(zip(qs, (kept.sqrt(), b, a), (False, True, True)), start=1):
                 if q is not None:  # codes round stochastically: an average's small steps survive in expectation
                     encode(x, signed, out=q, r16=stream_bits(key, 0, n, out_id, x.device))
 
