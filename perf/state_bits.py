@@ -89,14 +89,16 @@ def one_step_error(run: dict, variant: dict, lr: float, data) -> dict:
                             [s64["momentum_buffer"]] if "momentum_buffer" in s64 else None, backend="torch", **hyper)
         for bits in (32, 8):
             q = p.detach().clone()
-            s = {k: st[k].clone() if bits == 32 else quantize.quantize_state(st[k], p, k) for k in keys}
+            s = {k: st[k].clone() for k in keys}
+            if bits == 8:
+                s = quantize.q8_state(s, p, hyper["centered"])
             rmsprop_gpu.rmsprop([q], [p.grad], [s["square_avg"]], [s["grad_avg"]] if "grad_avg" in s else None,
                                 [s["momentum_buffer"]] if "momentum_buffer" in s else None, [st["step"].clone()],
                                 backend="torch", **hyper)
             want_upd = p64 - p.detach().double()
             got_upd = q.double() - p.detach().double()
             out[f"update_{bits}"].append(((got_upd - want_upd).norm() / want_upd.norm()).item())
-            v = s["square_avg"] if bits == 32 else quantize.dequantize_state(s["square_avg"], p, "square_avg")
+            v = quantize.float_state(s, p, hyper["centered"])["square_avg"]  # torch's meaning (v)
             out[f"square_avg_{bits}"].append(((v.double() - s64["square_avg"]).norm()
                                               / s64["square_avg"].norm()).item())
     return {k: max(v) for k, v in out.items()}

@@ -43,6 +43,9 @@ def rmsprop(
     optimizer's RMSprop.keras / .tf1 / .optax set them; see the README's table).
     stochastic_rounding, sr_seed: 16-bit params and state round stochastically on store, from a stream seeded by
     (sr_seed, each tensor's step counter, its row in the launch, the element): needs state_steps.
+    8-bit state: uint8 state tensors (rmsprop_gpu.quantize.zeros_state(param), or quantize_state from float
+    state; with centered, square_avg holds the variance: quantize.q8_state converts a param's state) are
+    updated in their format; their codes round stochastically from the same stream, so they need state_steps.
     Nothing is written unless every check passes, for every group and backend.
     """
     if differentiable:
