@@ -12,6 +12,7 @@ import torch
 import rmsprop_gpu
 from rmsprop_gpu import quantize, rmsprop
 from tests.oracle import q8_decode, q8_encode, reference_step, stream_r16
+from tests.test_rounding import check_resume_is_bit_identical
 from tests.tolerances import ORACLE, Q8_CODES
 
 BACKENDS = ["torch", "triton", "cupy"]
@@ -210,29 +211,9 @@ def test_optimizer_keeps_8_bit_state_for_large_tensors_only(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_from_a_checkpoint_is_bit_identical(backend):
-    gen = torch.Generator().manual_seed(8)
-    p = torch.randn(70, 90, generator=gen).bfloat16()
-    grads = [torch.randn(70, 90, generator=gen).bfloat16() for _ in range(6)]
-    kw = dict(lr=0.01, momentum=0.9, centered=True, backend=backend, state_bits=8, stochastic_rounding=True)
-
-    def steps(opt, param, ks):
-        for k in ks:
-            param.grad = grads[k].clone()
-            opt.step()
-
-    q = p.clone()
-    a = rmsprop_gpu.RMSprop([p], **kw)
-    steps(a, p, range(6))
-    b = rmsprop_gpu.RMSprop([q], **kw)
-    steps(b, q, range(3))
-    saved = copy.deepcopy(b.state_dict())
+    saved = check_resume_is_bit_identical((70, 90), 8, lr=0.01, momentum=0.9, centered=True, backend=backend,
+                                          state_bits=8, stochastic_rounding=True, sr_seed=5)
     assert saved["state"][0]["square_avg"].dtype == torch.uint8 and saved["param_groups"][0]["state_bits"] == 8
-    c = rmsprop_gpu.RMSprop([q], **kw)
-    c.load_state_dict(saved)
-    steps(c, q, range(3, 6))
-    assert torch.equal(p.view(torch.int16), q.view(torch.int16))
-    for key, x in a.state[p].items():
-        assert torch.equal(x, c.state[q][key]), key
 
 
 def test_torch_fp32_state_both_ways():
