@@ -89,11 +89,13 @@ def _state(n, seed):
     return v, torch.randn(n, generator=gen), a
 
 
-SHAPES = {"flat": (5003,), "transposed": (96, 67), "channels_last": (5, 24, 7, 9)}
+SHAPES = {"flat": (5003,), "transposed": (96, 67), "channels_last": (5, 24, 7, 9), "sliced": (70, 100)}
 
 
 def _param(shape_name, dtype, gen):
     p = torch.randn(SHAPES[shape_name], generator=gen).to(dtype)
+    if shape_name == "sliced":  # not dense: the kernels see it through a contiguous temporary
+        p = p[:, :90]
     if shape_name == "transposed":
         p = p.t()
     if shape_name == "channels_last":
@@ -126,7 +128,7 @@ def test_every_variant_dtype_layout_against_the_quantizing_float64_oracle(backen
     want_p, want_v, want_b, want_a = reference_step(flat(p), flat(g), dv, db, da, clamp_var=True, **hyper)
     r16 = {out: stream_r16(0, 0, 0, n, out) for out in (1, 2, 3)}  # seed 0, step 0, row 0: square_avg, buf, ga
     states = [qv.clone(), None if qb is None else qb.clone(), None if qa is None else qa.clone()]
-    got_p = p.clone()
+    got_p = p.clone() if shape != "sliced" else p._base.clone()[:, :90]  # the same (non-dense) strides
     rmsprop([got_p], [g], [states[0]], None if qa is None else [states[2]], None if qb is None else [states[1]],
             [torch.zeros(())], backend=backend, **hyper)
     assert got_p.stride() == p.stride()
@@ -262,6 +264,29 @@ def test_torch_fp32_state_both_ways():
     for key in quantize.SIGNED:
         assert wide.state[w][key].dtype == torch.float32 and wide.state[w][key].shape == w.shape
         torch.testing.assert_close(wide.state[w][key], sd["state"][0][key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_complex_params_keep_8_bit_state_of_their_real_view(backend):
+    """A complex param is updated as its real view (as torch does): the same bytes as that real tensor's."""
+    gen = torch.Generator().manual_seed(13)
+    z = torch.randn(2500, dtype=torch.complex64, generator=gen)  # 5000 real elements
+    r = torch.view_as_real(z).clone()
+    kw = dict(lr=1e-2, momentum=0.9, centered=True, state_bits=8, backend=backend)
+    oz, orr = rmsprop_gpu.RMSprop([z], **kw), rmsprop_gpu.RMSprop([r], **kw)
+    for _ in range(3):
+        z.grad = torch.randn(z.shape, dtype=z.dtype, generator=gen)
+        r.grad = torch.view_as_real(z.grad).clone()
+        oz.step()
+        orr.step()
+    assert torch.equal(torch.view_as_real(z), r)
+    for key in quantize.SIGNED:
+        assert oz.state[z][key].shape == (quantize.q8_nbytes(5000),)
+        assert torch.equal(oz.state[z][key], orr.state[r][key]), key
+    got, want = rmsprop_gpu.float_state_dict(oz)["state"][0], rmsprop_gpu.float_state_dict(orr)["state"][0]
+    for key in quantize.SIGNED:  # torch's complex state: the param's shape and dtype
+        assert got[key].dtype == torch.complex64 and got[key].shape == z.shape
+        assert torch.equal(torch.view_as_real(got[key]), want[key]), key
 
 
 def test_initial_accumulator_value_is_encoded():
