@@ -1,7 +1,8 @@
 // Fused multi-tensor RMSprop step in CUDA C, loaded by the CuPy backend with cupy.RawModule.
 //
 // Same contract as kernels/rmsprop.py (tables built by rmsprop_gpu/backends/_tables.py):
-//   tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel, slot
+//   tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel,
+//                           slot (low 32 bits) | random stream id (high 32)
 //   blocks:  int64 [B]    = (tensor << 32) | chunk; CUDA block b updates chunk * 2048 .. + 2048 of that tensor
 //   hyper:   int64 [S, 8] = per slot (param group): lr address (LR_ON_DEVICE), then as float32 columns 2..8:
 //                           lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize); as uint32
@@ -134,15 +135,16 @@ template <typename T, int N> __device__ __forceinline__ void store_vec(T* ptr, c
 
 // Stochastic rounding of 16-bit stores (STOCHASTIC_ROUNDING): x rounds up with probability equal to its distance
 // from the value below, in units of the 16-bit spacing, so E[round(x)] = x. Each store takes 16 random bits from
-// a counter-based hash: h = mix32(key ^ (element * 2 + pair)), key = stream_key(seed, step, tensor row); pair 0
-// feeds p (low half) and square_avg (high half), pair 1 momentum_buffer and grad_avg. The same in
-// kernels/rmsprop.py and the torch path (rmsprop_gpu/backends/torch_backend.py).
+// a counter-based hash: h = mix32(key ^ (element * 2 + pair)), key = stream_key(seed, step, the tensor's stream
+// id: its position in the optimizer, from the table, so the same whatever launch it is in); pair 0 feeds p (low
+// half) and square_avg (high half), pair 1 momentum_buffer and grad_avg. The same in kernels/rmsprop.py and the
+// torch path (rmsprop_gpu/backends/torch_backend.py).
 __device__ __forceinline__ u32 mix32(u32 x) {  // "lowbias32" integer hash
   x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
   return x;
 }
-__device__ __forceinline__ u32 stream_key(u32 seed, u32 step, u32 row) {
-  return mix32(seed ^ mix32(step + 0x9E3779B9u * (row + 1u)));
+__device__ __forceinline__ u32 stream_key(u32 seed, u32 step, u32 stream) {
+  return mix32(seed ^ mix32(step + 0x9E3779B9u * (stream + 1u)));
 }
 __device__ __forceinline__ u32 pair_bits(u32 key, i64 index, u32 pair) { return mix32(key ^ ((u32)index * 2u + pair)); }
 
@@ -391,14 +393,14 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   S* a = CENTERED ? (S*)row[4] : nullptr;
   float* step = (float*)row[5];
   const i64 numel = row[6];
-  const i64* slot = hyper + row[7] * 8;
+  const i64* slot = hyper + (row[7] & 0xFFFFFFFFll) * 8;  // low 32 bits: the slot; high 32: the stream id
   const float* hv = (const float*)slot;  // float32 columns 2..8 of the slot
   Hyper h = {(f & LR_ON_DEVICE) ? *(const float*)slot[0] : hv[2], hv[3], hv[4], hv[5], hv[6], hv[7], hv[8],
              (f & GRAD_SCALE) ? *grad_scale_ptr : 1.0f, 1.0f, f};
   const bool sr = f & STOCHASTIC_ROUNDING;
   // the random stream of this tensor at this step: 16-bit stores with sr, 8-bit codes always (the host advances
   // the counter after the launch)
-  const u32 key = (sr || is_q8<S>::value) ? stream_key(((const u32*)slot)[9], (u32)(int)*step, (u32)(info >> 32))
+  const u32 key = (sr || is_q8<S>::value) ? stream_key(((const u32*)slot)[9], (u32)(int)*step, (u32)(row[7] >> 32))
                                          : 0u;
   if (f & BIAS_CORRECTION) {  // 1 / (1 - alpha^t), t = this step's count (the host advances it after)
     int e = (int)(*step + 1.0f);

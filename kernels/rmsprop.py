@@ -1,7 +1,8 @@
 """Fused multi-tensor RMSprop step in Triton: one launch updates every tensor of a group in one pass.
 
 Contract (shared with kernels/rmsprop.cu, built by rmsprop_gpu/backends/_tables.py):
-  tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel, slot
+  tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel,
+                          slot (low 32 bits) | random stream id (high 32)
   blocks:  int64 [B]    = (tensor << 32) | chunk; program b updates chunk * BLOCK .. + BLOCK of that tensor
   hyper:   int64 [S, 8] = per slot (param group): lr address (LR_ON_DEVICE), then as float32 columns 2..8:
                           lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize)
@@ -40,8 +41,8 @@ def _mix32(x):
 
 
 @triton.jit
-def _stream_key(seed, step, row):
-    return _mix32(seed ^ _mix32(step + 0x9E3779B9 * (row + 1)))
+def _stream_key(seed, step, stream):
+    return _mix32(seed ^ _mix32(step + 0x9E3779B9 * (stream + 1)))
 
 
 @triton.jit
@@ -392,7 +393,8 @@ def _rmsprop_kernel(
         a_addr = tl.load(row + 4)
         step_addr = tl.load(row + 5)
         numel = tl.load(row + 6)
-        slot = tl.load(row + 7)
+        slot_stream = tl.load(row + 7)  # low 32 bits: the slot; high 32: the tensor's random stream id
+        slot = slot_stream & 0xFFFFFFFF
         h = hyper_vals + slot * 16  # float32 columns of this tensor's slot
         if LR_ON_DEVICE:
             lr = tl.load(tl.load(hyper_ptrs + slot * 8).to(tl.pointer_type(tl.float32)))
@@ -412,7 +414,7 @@ def _rmsprop_kernel(
         if STOCHASTIC_ROUNDING or (tl.uint8 == S_DTYPE):  # the random stream of this tensor at this step (16-bit
             # stores with SR, 8-bit codes always; the host advances the counter)
             t_now = tl.load(step_addr.to(tl.pointer_type(tl.float32))).to(tl.int32).to(tl.uint32)
-            key = _stream_key(tl.load(h + 9).to(tl.uint32, bitcast=True), t_now, (info >> 32).to(tl.uint32))
+            key = _stream_key(tl.load(h + 9).to(tl.uint32, bitcast=True), t_now, (slot_stream >> 32).to(tl.uint32))
         inv_bc = 1.0
         if BIAS_CORRECTION:  # 1 / (1 - alpha^t), t = this step's count (the host advances the counter after)
             t = tl.load(step_addr.to(tl.pointer_type(tl.float32))) + 1.0

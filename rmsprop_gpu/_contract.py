@@ -60,6 +60,9 @@ class Group:
     steps: list | None = None  # step counters (float32 scalars) or None when the caller keeps none
     slots: list | None = None  # per tensor: which Hyper of the launch applies (None: all use the first)
     index: list = field(default_factory=list)  # per tensor: its position in the caller's lists
+    # per tensor: its random stream's id (stochastic rounding, 8-bit codes): stable across launches and layouts,
+    # the param's position in the optimizer (its state_dict id), or in the caller's lists
+    streams: list = field(default_factory=list)
     read_steps: bool = False  # bias correction: the kernels read each step counter, the host advances it
 
     def __len__(self) -> int:
@@ -70,7 +73,7 @@ class Group:
         pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
         return Group(self.device, self.param_dtype, self.state_dtype, pick(self.params), pick(self.grads),
                      pick(self.square_avgs), pick(self.momentum_buffers), pick(self.grad_avgs), pick(self.steps),
-                     index=pick(self.index), read_steps=self.read_steps)
+                     index=pick(self.index), streams=pick(self.streams), read_steps=self.read_steps)
 
     def split(self) -> list[Group]:
         """One group per tensor (for foreach=False: one launch per tensor, the classic layout)."""
@@ -90,7 +93,8 @@ class Group:
             x for g in parts for x in getattr(g, name)]
         return Group(first.device, first.param_dtype, first.state_dtype, cat("params"), cat("grads"),
                      cat("square_avgs"), cat("momentum_buffers"), cat("grad_avgs"), cat("steps"),
-                     [k for k, g in enumerate(parts) for _ in range(len(g))], cat("index"), first.read_steps)
+                     [k for k, g in enumerate(parts) for _ in range(len(g))], cat("index"), cat("streams"),
+                     first.read_steps)
 
 
 def _check_nonneg(name: str, value) -> None:
@@ -176,9 +180,13 @@ def _check_quantized_state(i: int, name: str, param, state, param_dtype: str) ->
     return "uint8"
 
 
-def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, hyper: Hyper) -> list[Group]:
-    """Check every tensor and group them by (device, param dtype, state dtype). Writes nothing."""
+def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, hyper: Hyper,
+                 stream_ids=None) -> list[Group]:
+    """Check every tensor and group them by (device, param dtype, state dtype). Writes nothing. stream_ids: each
+    tensor's random stream (default: its position in these lists)."""
     n = len(params)
+    if stream_ids is not None and len(stream_ids) != n:
+        raise ValueError(f"stream_ids must have one entry per param, got {len(stream_ids)} for {n}")
     if len(grads) != n or len(square_avgs) != n:
         raise ValueError(
             f"params, grads and square_avgs must have the same length, got {n}, {len(grads)}, {len(square_avgs)}"
@@ -254,6 +262,7 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
             )
         grp.params.append(p)
         grp.index.append(i)
+        grp.streams.append(i if stream_ids is None else int(stream_ids[i]))
         grp.grads.append(g)
         grp.square_avgs.append(v)
         if use_mom:

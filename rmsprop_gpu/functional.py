@@ -42,7 +42,7 @@ def rmsprop(
     lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction: other frameworks' semantics (the
     optimizer's RMSprop.keras / .tf1 / .optax set them; see the README's table).
     stochastic_rounding, sr_seed: 16-bit params and state round stochastically on store, from a stream seeded by
-    (sr_seed, each tensor's step counter, its row in the launch, the element): needs state_steps.
+    (sr_seed, each tensor's step counter, its position in these lists, the element): needs state_steps.
     8-bit state: uint8 state tensors (rmsprop_gpu.quantize.zeros_state(param), or quantize_state from float
     state; with centered, square_avg holds the variance: quantize.q8_state converts a param's state) are
     updated in their format; their codes round stochastically from the same stream, so they need state_steps.
@@ -91,8 +91,9 @@ class RMSpropPlan:
     def __init__(self, params, grads, square_avgs, grad_avgs=None, momentum_buffer_list=None, state_steps=None,
                  *, momentum=0.0, centered=False, eps_in_sqrt=False, capturable=False, foreach=None, backend=None,
                  lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False, bias_correction=False,
-                 stochastic_rounding=False):
+                 stochastic_rounding=False, stream_ids=None):
         backends.requested_name(backend)
+        self._stream_ids = None if stream_ids is None else list(stream_ids)  # default: positions in `params`
         self._grads = list(grads)
         self._fixed = [list(params), list(square_avgs), list(grad_avgs or []), list(momentum_buffer_list or []),
                        list(state_steps or [])]
@@ -136,7 +137,7 @@ class RMSpropPlan:
                 self._entries = None
         if self._entries is None or not self._cacheable or self._addresses() != self._ptrs:
             checked = check_groups(self._fixed[0], self._grads, *self._fixed[1:4], self._fixed[4] or None, hyper,
-                                   foreach=self._foreach, backend=self._backend)
+                                   foreach=self._foreach, backend=self._backend, stream_ids=self._stream_ids)
             self._entries = prepare(checked, owned=True)
             self._ptrs = self._addresses()
         elif any(e.group.param_dtype != "float64" for e in self._entries):

@@ -219,7 +219,7 @@ class RMSprop(Optimizer):
                 float(group["alpha"]), float(group["eps"]), float(group["weight_decay"]), float(group["momentum"]),
                 bool(group["centered"]), bool(group["maximize"]), bool(group["eps_in_sqrt"]),
                 bool(group["capturable"]), group["backend"] or "", grad_scale, found_inf,
-                *(bool(group[k]) for k in SWITCHES), int(group["sr_seed"]))
+                *(bool(group[k]) for k in SWITCHES), int(group["sr_seed"]), self._stream_ids(t["params"]))
         return loss
 
     @torch._disable_dynamo  # eager only (step() never calls it while compiling); lazy: dynamo loads on first call
@@ -252,6 +252,12 @@ class RMSprop(Optimizer):
             raise
         return loss
 
+    def _stream_ids(self, params) -> list[int]:
+        """Each param's random stream (stochastic rounding, 8-bit codes): its position among all the optimizer's
+        params (its state_dict id), so the same whatever launch, bucket or compiled graph updates it."""
+        pos = {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return [pos[id(p)] for p in params]
+
     def _hyper(self, group, grad_scale=None, found_inf=None):
         return make_hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
                           group["centered"], group["maximize"], group["eps_in_sqrt"], group["capturable"],
@@ -274,7 +280,8 @@ class RMSprop(Optimizer):
                                          group["momentum"], read_tensor_lr=not group["capturable"])
                 checked += check_groups(
                     t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"], t["steps"],
-                    self._hyper(group), foreach=group["foreach"], backend=group["backend"], group_index=gi)
+                    self._hyper(group), foreach=group["foreach"], backend=group["backend"], group_index=gi,
+                    stream_ids=self._stream_ids(t["params"]))
             if any(p.is_complex() or type(p).__name__ == "DTensor" for p in t["params"]):
                 plan.cacheable = False  # the kernels see per-call views of these: check every step
             gathered.append(t)
@@ -338,7 +345,7 @@ class RMSprop(Optimizer):
             self.state.update(pending)
             tensors = t["params"] + t["square_avgs"] + t["steps"]
             key = (gi, tuple(map(id, t["params"])), structure(group))
-            plan = ib.plans.get(key, tensors, functools.partial(_bucket_plan, t, group))
+            plan = ib.plans.get(key, tensors, functools.partial(_bucket_plan, t, group, self._stream_ids(t["params"])))
             plan(grads=t["grads"], lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                  weight_decay=group["weight_decay"], momentum=group["momentum"], maximize=group["maximize"],
                  sr_seed=group["sr_seed"])
@@ -430,11 +437,11 @@ def float_state_dict(optimizer: RMSprop) -> dict:
     return {"state": state, "param_groups": [{**s, "state_bits": 32} for s in sd["param_groups"]]}
 
 
-def _bucket_plan(t: dict, group: dict) -> RMSpropPlan:
+def _bucket_plan(t: dict, group: dict, stream_ids: list[int]) -> RMSpropPlan:
     return RMSpropPlan(t["params"], t["grads"], t["square_avgs"], t["grad_avgs"] or None,
                        t["momentum_buffers"] or None, t["steps"], momentum=group["momentum"],
                        centered=group["centered"], eps_in_sqrt=group["eps_in_sqrt"], capturable=group["capturable"],
-                       foreach=group["foreach"], backend=group["backend"],
+                       foreach=group["foreach"], backend=group["backend"], stream_ids=stream_ids,
                        **{k: group[k] for k in SWITCHES})
 
 

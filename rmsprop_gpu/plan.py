@@ -59,15 +59,17 @@ class Checked:
 
 
 def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper: Hyper,
-                 foreach=None, backend=None, group_index: int = 0) -> list[Checked]:
-    """Check everything and choose a backend per group, writing nothing. Raises on any problem."""
+                 foreach=None, backend=None, group_index: int = 0, stream_ids=None) -> list[Checked]:
+    """Check everything and choose a backend per group, writing nothing. Raises on any problem. stream_ids: each
+    param's random stream (stochastic rounding, 8-bit codes; default: its position in `params`)."""
     if hyper.bias_correction and not state_steps:
         raise ValueError("bias_correction=True needs state_steps (the step count of each param)")
     if hyper.stochastic_rounding and not state_steps:
         raise ValueError("stochastic_rounding=True needs state_steps (each param's step count seeds its stream)")
     if hyper.nesterov and not (hyper.momentum > 0 and hyper.lr_in_momentum):
         raise ValueError("nesterov=True needs momentum > 0 and lr_in_momentum=True (optax's trace)")
-    groups = build_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper)
+    groups = build_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper,
+                          stream_ids)
     if hyper.stochastic_rounding and not any(g.param_dtype in SIXTEEN_BIT or g.state_dtype in SIXTEEN_BIT
                                               for g in groups):
         raise ValueError("stochastic_rounding=True rounds 16-bit (float16 / bfloat16) params or state; this param "

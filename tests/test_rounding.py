@@ -190,6 +190,33 @@ def test_resume_from_a_checkpoint_is_bit_identical(backend):
     assert saved["param_groups"][0]["stochastic_rounding"] and saved["param_groups"][0]["sr_seed"] == 11
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streams_belong_to_params_not_to_launches(backend):
+    """A param's random stream is its position in the optimizer: one launch for all, one per param (foreach=False)
+    or one param group each give the same bits, for 16-bit stores and 8-bit codes alike; and two identical params
+    round differently (independent streams)."""
+    gen = torch.Generator().manual_seed(14)
+    base = [torch.randn(70, 80, generator=gen).bfloat16() for _ in range(3)]
+    base[1] = base[0].clone()  # identical values and grads: only their streams differ
+    grads = [[torch.randn(70, 80, generator=gen).bfloat16() for _ in range(3)] for _ in range(2)]
+    grads[0][1], grads[1][1] = grads[0][0].clone(), grads[1][0].clone()
+    kw = dict(lr=0.01, momentum=0.9, backend=backend, stochastic_rounding=True, sr_seed=3, state_bits=8)
+    out = []
+    for layout in ("one launch", "foreach=False", "param groups"):
+        ps = [p.clone() for p in base]
+        groups = [{"params": [p]} for p in ps] if layout == "param groups" else ps
+        opt = rmsprop_gpu.RMSprop(groups, foreach=False if layout == "foreach=False" else None, **kw)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        out.append([p.view(torch.int16) for p in ps] + [x for p in ps for x in opt.state[p].values()])
+    for other in out[1:]:
+        for a, b in zip(out[0], other):
+            assert torch.equal(a, b)
+    assert not torch.equal(out[0][0], out[0][1])
+
+
 def test_refusals_are_clear():
     p = torch.randn(8).bfloat16()
     g, v = torch.randn(8).bfloat16(), torch.zeros(8).bfloat16()
@@ -215,7 +242,9 @@ def test_compiled_step_rounds_like_the_eager_step(backend):
     a = [torch.randn(2100, generator=gen).bfloat16(), torch.randn(7, 3, generator=gen).bfloat16()]
     b = [p.clone() for p in a]
     kw = dict(lr=0.01, momentum=0.9, backend=backend, stochastic_rounding=True, sr_seed=77)
-    ours, ref = rmsprop_gpu.RMSprop(a, **kw), rmsprop_gpu.RMSprop(b, **kw)
+    # two param groups: the traced op gets each param's stream id (its position in the optimizer) as eager does
+    ours = rmsprop_gpu.RMSprop([{"params": [a[0]]}, {"params": [a[1]]}], **kw)
+    ref = rmsprop_gpu.RMSprop([{"params": [b[0]]}, {"params": [b[1]]}], **kw)
     counter = CompileCounterWithBackend("aot_eager")
     step = torch.compile(ours.step, fullgraph=True, backend=counter)
     for _ in range(3):

@@ -327,7 +327,7 @@ def test_in_backward_with_8_bit_state_equals_step():
     b = copy.deepcopy(a)
     kw = dict(lr=1e-3, momentum=0.9, centered=True, state_bits=8)
     oa = rmsprop_gpu.RMSprop(a.parameters(), **kw)
-    ob = rmsprop_gpu.RMSprop(b.parameters(), in_backward=True, **kw)
+    ob = rmsprop_gpu.RMSprop(b.parameters(), in_backward=True, bucket_mb=1e-4, **kw)  # a bucket per param
     for _ in range(3):
         oa.zero_grad()
         a(x).square().mean().backward()

@@ -2,7 +2,8 @@
 
 tensor table: int64 [T, ROW]: addresses of param, grad, square_avg, momentum_buffer, grad_avg, step
               (0 where absent or where the step counter lives on the host), numel, and the tensor's slot:
-              its row in the hyperparameter table (one slot per param group sharing the launch). 8-bit state
+              its row in the hyperparameter table (one slot per param group sharing the launch), in the low 32
+              bits, with its random stream's id (stochastic rounding, 8-bit codes) in the high 32. 8-bit state
               (uint8: rmsprop_gpu/quantize.py) is one address too: codes, then the blocks' scale bytes.
 block list:   int64 [B]: (tensor index << 32) | chunk index; a kernel program / CUDA block updates
               elements [chunk * BLOCK, min((chunk + 1) * BLOCK, numel)) of that tensor. Every tensor owns
@@ -108,7 +109,7 @@ class TableCache:
             self._entries.move_to_end(key)
             return hit
         tensors, blocks = build_tables(rows)
-        n_slots = 1 + max((r[7] for r in rows), default=0) if rows and len(rows[0]) > 7 else 1
+        n_slots = 1 + max((r[7] & 0xFFFFFFFF for r in rows), default=0) if rows and len(rows[0]) > 7 else 1
         device_tensors = self.upload_tensors(tensors, group)
         hyper = HyperTable(self._upload(np.zeros((n_slots, HYPER_ROW), dtype=np.int64), group), self._upload,
                            self._stats or self)
@@ -321,8 +322,10 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
                 step_ptr = s.data_ptr()
             if group.read_steps or not step_ptr:  # bias correction, SR: the kernel reads it, the host advances it
                 host_steps.append(s)
+        slot_id = group.slots[i] if group.slots is not None else 0
+        stream = group.streams[i] if group.streams else i
         rows.append((*(arr.ptr(x) if x is not None else 0 for x in row), step_ptr, arr.numel(p),
-                     group.slots[i] if group.slots is not None else 0))
+                     slot_id | (stream & 0xFFFFFFFF) << 32))
     rows = tuple(rows)
     if previous is not None and previous.rows == rows:  # e.g. grads re-allocated at the same addresses
         tensors, blocks, n_blocks, hyper, host = (previous.tensors, previous.blocks, previous.n_blocks,

@@ -33,9 +33,9 @@ def mix32(x):
     return x ^ (x >> 16)
 
 
-def stream_key(seed: int, step: int, row: int) -> int:
-    """The random stream of one tensor at one step (kernels: stream_key)."""
-    return mix32(seed ^ mix32((step + 0x9E3779B9 * (row + 1)) & M32))
+def stream_key(seed: int, step: int, stream: int) -> int:
+    """The random stream of one tensor (its stream id) at one step (kernels: stream_key)."""
+    return mix32(seed ^ mix32((step + 0x9E3779B9 * (stream + 1)) & M32))
 
 
 def stream_bits(key: int, start: int, n: int, output: int, device) -> torch.Tensor:
@@ -151,7 +151,7 @@ class TorchBackend(Backend):
         order, the same float32 math (var clamped at 0: quantized v and grad_avg can cross), encode with the
         stochastic-rounding stream of (sr_seed, step, row)."""
         for row in range(len(group)):
-            p = group.params[row]
+            p, stream = group.params[row], group.streams[row] if group.streams else row
             flat_p, flat_g = kernel_order(p, p), kernel_order(group.grads[row], p)
             n = flat_p.numel()
             qs = (group.square_avgs[row], None if group.momentum_buffers is None else group.momentum_buffers[row],
@@ -162,17 +162,18 @@ class TorchBackend(Backend):
                 v = v + a * a
             one = Group(group.device, group.param_dtype, "float32", [flat_p], [flat_g], [v],
                         None if b is None else [b], None if a is None else [a],
-                        None if group.steps is None else [group.steps[row]], read_steps=group.read_steps)
-            self._math(one, hyper, clamp_var=True, row0=row)
+                        None if group.steps is None else [group.steps[row]], streams=[stream],
+                        read_steps=group.read_steps)
+            self._math(one, hyper, clamp_var=True)
             if flat_p.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():  # p went through a copy
                 p.copy_(from_kernel_order(flat_p, p))
-            key = stream_key(hyper.sr_seed, int(group.steps[row]), row)  # a host read: the reference path
+            key = stream_key(hyper.sr_seed, int(group.steps[row]), stream)  # a host read: the reference path
             kept = v if a is None else (v - a * a).clamp_min_(0.0)
             for out_id, (q, x, signed) in enumerate(zip(qs, (kept.sqrt(), b, a), (False, True, True)), start=1):
                 if q is not None:  # codes round stochastically: an average's small steps survive in expectation
                     encode(x, signed, out=q, r16=stream_bits(key, 0, n, out_id, x.device))
 
-    def _math(self, group: Group, hyper: Hyper, clamp_var: bool = False, row0: int = 0) -> None:
+    def _math(self, group: Group, hyper: Hyper, clamp_var: bool = False) -> None:
         cdt = torch.float64 if group.param_dtype == "float64" else torch.float32
         params, grads, vs = group.params, group.grads, group.square_avgs
         P = _compute_copies(params, cdt)
@@ -249,7 +250,8 @@ class TorchBackend(Backend):
                 continue
             if hyper.stochastic_rounding and dst[0].dtype in (torch.float16, torch.bfloat16):
                 for row, (d, x, s) in enumerate(zip(dst, src, group.steps)):
-                    key = stream_key(hyper.sr_seed, int(s), row0 + row)  # a host read: the reference path
+                    stream = group.streams[row] if group.streams else row
+                    key = stream_key(hyper.sr_seed, int(s), stream)  # a host read: the reference path
                     order = _memory_order(d)
                     d_mem = d.permute(order)  # dense: contiguous in memory order
                     d_mem.copy_(stochastic_round(x.permute(order).reshape(-1), d.dtype, key, out_id).view(
