@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from operator import is_, itemgetter
 
 import torch
@@ -345,7 +344,8 @@ class RMSprop(Optimizer):
             self.state.update(pending)
             tensors = t["params"] + t["square_avgs"] + t["steps"]
             key = (gi, tuple(map(id, t["params"])), structure(group))
-            plan = ib.plans.get(key, tensors, functools.partial(_bucket_plan, t, group, self._stream_ids(t["params"])))
+            plan = ib.plans.get(key, tensors, lambda t=t, group=group: _bucket_plan(  # built on a miss only
+                t, group, self._stream_ids(t["params"])))
             plan(grads=t["grads"], lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                  weight_decay=group["weight_decay"], momentum=group["momentum"], maximize=group["maximize"],
                  sr_seed=group["sr_seed"])
