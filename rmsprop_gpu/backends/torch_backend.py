@@ -72,11 +72,6 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: int, output: int)
     return out
 
 
-def _memory_order(t: torch.Tensor) -> tuple[int, ...]:
-    """Dims from the largest stride to the smallest: t.permute(order) is contiguous for a dense t."""
-    return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
-
-
 def _compute_copies(ts: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     """ts itself when it already has the compute dtype (a group's lists are homogeneous), else float copies."""
     if not ts or ts[0].dtype == dtype:
@@ -252,9 +247,7 @@ class TorchBackend(Backend):
                 for row, (d, x, s) in enumerate(zip(dst, src, group.steps)):
                     stream = group.streams[row] if group.streams else row
                     key = stream_key(hyper.sr_seed, int(s), stream)  # a host read: the reference path
-                    order = _memory_order(d)
-                    d_mem = d.permute(order)  # dense: contiguous in memory order
-                    d_mem.copy_(stochastic_round(x.permute(order).reshape(-1), d.dtype, key, out_id).view(
-                        d_mem.shape))
+                    # elements numbered as the kernels walk d (memory order; logical order when d is not dense)
+                    d.copy_(from_kernel_order(stochastic_round(kernel_order(x, d), d.dtype, key, out_id), d))
             else:  # 16-bit storage: round the float32 results once
                 torch._foreach_copy_(dst, src)
