@@ -149,12 +149,15 @@ def _check_state(i: int, name: str, param, state, param_dtype: str) -> str:
         raise ValueError(f"{name}[{i}] is missing")
     if arr.is_sparse(state):
         raise RuntimeError(f"{name}[{i}] is sparse; RMSprop state must be dense")
-    if arr.dtype_name(state) == "uint8":  # 8-bit blockwise state (rmsprop_gpu/quantize.py)
-        return _check_quantized_state(i, name, param, state, param_dtype)
-    if tuple(state.shape) != tuple(param.shape):
+    quantized = arr.dtype_name(state) == "uint8"  # 8-bit blockwise state (rmsprop_gpu/quantize.py)
+    if quantized:
+        _check_quantized_state(i, name, param, state, param_dtype)
+    elif tuple(state.shape) != tuple(param.shape):
         raise ValueError(f"{name}[{i}] has shape {tuple(state.shape)}, its param {tuple(param.shape)}")
     if arr.device_of(state) != arr.device_of(param):
         raise ValueError(f"{name}[{i}] is on {arr.device_of(state)}, its param on {arr.device_of(param)}")
+    if quantized:
+        return "uint8"
     sd = arr.dtype_name(state)
     if sd != param_dtype and not (param_dtype in SIXTEEN_BIT and sd == "float32"):
         raise ValueError(
@@ -164,7 +167,7 @@ def _check_state(i: int, name: str, param, state, param_dtype: str) -> str:
     return sd
 
 
-def _check_quantized_state(i: int, name: str, param, state, param_dtype: str) -> str:
+def _check_quantized_state(i: int, name: str, param, state, param_dtype: str) -> None:
     from .quantize import q8_nbytes
 
     if param_dtype not in KERNEL_PARAM_DTYPES:
@@ -175,9 +178,6 @@ def _check_quantized_state(i: int, name: str, param, state, param_dtype: str) ->
         raise ValueError(f"{name}[{i}] is 8-bit state (uint8) of shape {tuple(state.shape)}; a param of "
                          f"{arr.numel(param)} elements needs a contiguous 1-D tensor of {need} bytes "
                          "(rmsprop_gpu.quantize.zeros_state)")
-    if arr.device_of(state) != arr.device_of(param):
-        raise ValueError(f"{name}[{i}] is on {arr.device_of(state)}, its param on {arr.device_of(param)}")
-    return "uint8"
 
 
 def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, hyper: Hyper,

@@ -202,6 +202,7 @@ class RMSprop(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        positions = self._positions()
         for group in self.param_groups:
             pending: dict = {}
             t = self._gather(group, pending)
@@ -218,7 +219,8 @@ class RMSprop(Optimizer):
                 float(group["alpha"]), float(group["eps"]), float(group["weight_decay"]), float(group["momentum"]),
                 bool(group["centered"]), bool(group["maximize"]), bool(group["eps_in_sqrt"]),
                 bool(group["capturable"]), group["backend"] or "", grad_scale, found_inf,
-                *(bool(group[k]) for k in SWITCHES), int(group["sr_seed"]), self._stream_ids(t["params"]))
+                *(bool(group[k]) for k in SWITCHES), int(group["sr_seed"]),
+                self._stream_ids(t["params"], positions))
         return loss
 
     @torch._disable_dynamo  # eager only (step() never calls it while compiling); lazy: dynamo loads on first call
@@ -251,11 +253,15 @@ class RMSprop(Optimizer):
             raise
         return loss
 
-    def _stream_ids(self, params) -> list[int]:
+    def _stream_ids(self, params, positions: dict | None = None) -> list[int]:
         """Each param's random stream (stochastic rounding, 8-bit codes): its position among all the optimizer's
-        params (its state_dict id), so the same whatever launch, bucket or compiled graph updates it."""
-        pos = {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        params (its state_dict id), so the same whatever launch, bucket or compiled graph updates it. positions:
+        _positions(), when the caller asks for several param groups."""
+        pos = positions or self._positions()
         return [pos[id(p)] for p in params]
+
+    def _positions(self) -> dict:
+        return {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     def _hyper(self, group, grad_scale=None, found_inf=None):
         return make_hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
@@ -267,6 +273,7 @@ class RMSprop(Optimizer):
         pending: dict = {}
         plan = StepPlan()
         checked, gathered = [], []
+        positions = self._positions()
         for gi, group in enumerate(self.param_groups):
             t = self._gather(group, pending)
             if group["differentiable"]:
@@ -280,7 +287,7 @@ class RMSprop(Optimizer):
                 checked += check_groups(
                     t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"], t["steps"],
                     self._hyper(group), foreach=group["foreach"], backend=group["backend"], group_index=gi,
-                    stream_ids=self._stream_ids(t["params"]))
+                    stream_ids=self._stream_ids(t["params"], positions))
             if any(p.is_complex() or type(p).__name__ == "DTensor" for p in t["params"]):
                 plan.cacheable = False  # the kernels see per-call views of these: check every step
             gathered.append(t)

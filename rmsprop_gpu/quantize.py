@@ -195,7 +195,9 @@ def q8_state(state: dict, param: torch.Tensor, centered: bool) -> dict:
         if key in state and not is_quantized(state[key]):
             x = state[key].to(param.device)
             if key == "square_avg" and centered and "grad_avg" in state:
-                ga = _real(float_state(state, param, centered)["grad_avg"]).float()
+                ga = state["grad_avg"]
+                ga = _real(dequantize_state(ga, param, "grad_avg") if is_quantized(ga) else ga.to(param.device))
+                ga = ga.float()
                 x = _like((_real(x).float() - ga * ga).clamp_min(0.0), param)
             out[key] = quantize_state(x, param, key)
     return out
