@@ -272,7 +272,7 @@ def _update_chunk(
 
 @triton.jit
 def _update_tile_q8(
-    p, g, vc, vs, bc, bs, ac, as_, p_addr, v_addr, b_addr, a_addr, start, numel, n16, rows, offs,
+    p, g, vc, vs, bc, bs, ac, as_, p_addr, v_addr, b_addr, a_addr, start, n16, rows, offs, mask, code_mask, row_mask,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
     P_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
@@ -281,7 +281,7 @@ def _update_tile_q8(
     SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
 ):
     """Decode a loaded tile, the float32 update, encode each row (block) with its new scale, store. Padding past
-    numel encodes as 0."""
+    numel encodes as 0. Masks (None for a full chunk): elements, codes of whole blocks, scale bytes."""
     v = _q8_decode(vc, vs, False)
     b = v
     a = v
@@ -298,14 +298,7 @@ def _update_tile_q8(
     if CENTERED:
         v = v - a * a
         v = tl.where(v < 0.0, 0.0, v)
-    mask = offs < numel - start
-    code_mask = rows[:, None] * 16 < numel - start  # whole blocks: padding codes are written too
-    row_mask = rows * 16 < numel - start
-    if FULL_ALIGNED:
-        mask = None
-        code_mask = None
-        row_mask = None
-    else:
+    if not FULL_ALIGNED:
         v = tl.where(mask, v, 0.0)
         b = tl.where(mask, b, 0.0)
         a = tl.where(mask, a, 0.0)
@@ -360,14 +353,14 @@ def _update_chunk_q8(
     g0 = _load(g_addr, start, offs, m0, P_DTYPE, FULL_ALIGNED)
     p1 = _load(p_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
     g1 = _load(g_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
-    _update_tile_q8(p0, g0, vc0, vs0, bc0, bs0, ac0, as0, p_addr, v_addr, b_addr, a_addr, start, numel, n16, rows,
-                    offs, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
-                    P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE, LR_IN_MOMENTUM,
-                    NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, SR, FULL_ALIGNED, NATIVE_BF16)
-    _update_tile_q8(p1, g1, vc1, vs1, bc1, bs1, ac1, as1, p_addr, v_addr, b_addr, a_addr, s1, numel, n16, rows,
-                    offs, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
-                    P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE, LR_IN_MOMENTUM,
-                    NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, SR, FULL_ALIGNED, NATIVE_BF16)
+    _update_tile_q8(p0, g0, vc0, vs0, bc0, bs0, ac0, as0, p_addr, v_addr, b_addr, a_addr, start, n16, rows,
+                    offs, m0, c0, r0, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
+                    inv_bc, key, P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
+                    LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, SR, FULL_ALIGNED, NATIVE_BF16)
+    _update_tile_q8(p1, g1, vc1, vs1, bc1, bs1, ac1, as1, p_addr, v_addr, b_addr, a_addr, s1, n16, rows,
+                    offs, m1, c1, r1, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
+                    inv_bc, key, P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
+                    LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, SR, FULL_ALIGNED, NATIVE_BF16)
 
 
 @triton.jit
