@@ -1,12 +1,15 @@
 """Every kernel test runs the real kernel text on the CPU: Triton through its interpreter, the CUDA C source
 compiled by g++ (tests/cuda_cpu) behind the CuPy backend's module seam. Nothing is skipped for lack of a GPU."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["TRITON_INTERPRET"] = "1"  # read when kernels/rmsprop.py is imported: set before anything imports it
 os.environ.pop("RMSPROP_GPU_BACKEND", None)
 os.environ["RMSPROP_GPU_CACHE_DIR"] = tempfile.mkdtemp(prefix="rmsprop_gpu_cache_")  # not the user's cache
+atexit.register(shutil.rmtree, os.environ["RMSPROP_GPU_CACHE_DIR"], ignore_errors=True)  # leave no dir behind
 
 import pytest  # noqa: E402
 
