@@ -17,11 +17,12 @@ $(STAMP): requirements-test.txt pyproject.toml
 test: $(STAMP)  ## the whole suite on the CPU: kernels through the Triton interpreter and a g++ build of the .cu
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -W ignore::RuntimeWarning
-	$(BIN)/python perf/bench.py --smoke > /dev/null
-	$(BIN)/python perf/host_overhead.py --smoke --out "$$(mktemp -d)/host_overhead" > /dev/null
-	$(BIN)/python perf/training_stack.py --smoke --out "$$(mktemp -d)/training_stack" > /dev/null
-	$(BIN)/python perf/stochastic_rounding.py --smoke --out "$$(mktemp -d)/stochastic_rounding" > /dev/null
-	$(BIN)/python perf/state_bits.py --smoke --out "$$(mktemp -d)/state_bits" > /dev/null
+	smoke=$$(mktemp -d) && trap 'rm -rf "$$smoke"' EXIT && \
+	$(BIN)/python perf/bench.py --smoke --out "$$smoke" > /dev/null && \
+	$(BIN)/python perf/host_overhead.py --smoke --out "$$smoke/host_overhead" > /dev/null && \
+	$(BIN)/python perf/training_stack.py --smoke --out "$$smoke/training_stack" > /dev/null && \
+	$(BIN)/python perf/stochastic_rounding.py --smoke --out "$$smoke/stochastic_rounding" > /dev/null && \
+	$(BIN)/python perf/state_bits.py --smoke --out "$$smoke/state_bits" > /dev/null
 	$(BIN)/python perf/gpu_check.py --dry-run
 
 demo: $(STAMP)  ## the main job on the best device: train, self-check every backend, quick benchmark + plot
