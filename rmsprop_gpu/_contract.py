@@ -103,10 +103,19 @@ def _check_nonneg(name: str, value) -> None:
 
 
 def _number(name: str, value) -> float:
-    """A Python float from any real number torch accepts (numpy scalars included), else a clear error."""
+    """A Python float from any real number torch accepts (numpy scalars, 1-element real tensors), else a clear
+    error."""
     if isinstance(value, numbers.Real):
         return float(value)
-    raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and not value.is_meta:
+        return scalar(value)
+    raise ValueError(f"Invalid {name}: {value!r} (expected a real number or a 1-element real tensor)")
+
+
+def scalar(value) -> float:
+    """float() of a hyperparameter; a tensor one (torch takes 1-element tensors for alpha, eps, weight_decay,
+    momentum) is read on the host each step, a sync for a CUDA tensor."""
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, read_tensor_lr: bool = True) -> None:
@@ -120,7 +129,7 @@ def validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, read_ten
         if lr.device.type == "meta":
             raise ValueError("Tensor lr is on the meta device: it holds no value")
         if read_tensor_lr and lr.device.type == "cpu":
-            _check_nonneg("learning rate", float(lr))
+            _check_nonneg("learning rate", scalar(lr))
     else:
         _check_nonneg("learning rate", _number("learning rate", lr))
     for name, v in (("epsilon value", eps), ("momentum value", momentum), ("weight_decay value", weight_decay),

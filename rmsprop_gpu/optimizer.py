@@ -132,6 +132,19 @@ class RMSprop(Optimizer):
         sd = group.get("state_dtype")
         return sd if (sd is not None and p.dtype in _SIXTEEN_BIT) else p.dtype
 
+    @classmethod
+    def _step_dtype(cls, p: torch.Tensor, group) -> torch.dtype:
+        """torch's: float64 under torch.set_default_dtype(torch.float64), else float32. float32 where the kernels
+        read the counter (bias correction, stochastic rounding, 8-bit state); elsewhere a float64 counter is
+        advanced on the host, as a CPU one is."""
+        if torch.get_default_dtype() != torch.float64 or cls._reads_steps(p, group):
+            return torch.float32
+        return torch.float64
+
+    @classmethod
+    def _reads_steps(cls, p: torch.Tensor, group) -> bool:
+        return bool(group["bias_correction"] or group["stochastic_rounding"] or cls._quantized(p, group))
+
     @staticmethod
     def _quantized(p: torch.Tensor, group) -> bool:
         """Whether p's new state is 8-bit: state_bits=8 and p large enough (refused for params it cannot take)."""
@@ -160,7 +173,8 @@ class RMSprop(Optimizer):
                 state = dict(state)
                 if "step" not in state:
                     on_device = group["capturable"] or p.device.type == "cuda"
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                    state["step"] = torch.zeros((), dtype=self._step_dtype(p, group),
+                                                device=p.device if on_device else "cpu")
                 for key in missing:
                     fill = group.get("initial_accumulator_value", 0.0) if key == "square_avg" else 0.0
                     if self._quantized(p, group):
@@ -315,7 +329,9 @@ class RMSprop(Optimizer):
                     h = hypers.get(gi) or hypers.setdefault(gi, self._hyper(groups[gi], grad_scale, found_inf))
                     if not reference and e.group.param_dtype != "float64":
                         check_float32_range(h)
-            plan.last_values, plan.last_lrs, plan.last_hypers = (None, (), None) if amp else (values, lrs, hypers)
+            # tensor alpha/eps/weight_decay/momentum: read every step (an in-place change keeps the same object)
+            fresh = amp or any(isinstance(v, torch.Tensor) for vs in values for v in vs)
+            plan.last_values, plan.last_lrs, plan.last_hypers = (None, (), None) if fresh else (values, lrs, hypers)
         else:
             hypers = plan.last_hypers
         for e in plan.entries:
@@ -421,13 +437,13 @@ class RMSprop(Optimizer):
                     if quantize.is_quantized(x) or self._state_dtype(p, g) != p.dtype or x is not st[key]:
                         live[key] = x.to(device=p.device, dtype=x.dtype if quantize.is_quantized(x) else
                                          self._state_dtype(p, g), copy=x is st[key])
-                if "step" in live:  # float32 counters, on the param's device for CUDA params or capturable
-                    step = live["step"]
+                if "step" in live:  # counters as a new step makes them, on the param's device for CUDA or capturable
+                    step, dtype = live["step"], self._step_dtype(p, g)
                     device = p.device if (g["capturable"] or p.device.type == "cuda") else torch.device("cpu")
                     if not torch.is_tensor(step):
-                        live["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
-                    elif step.dtype != torch.float32 or step.device != device:
-                        live["step"] = step.to(device=device, dtype=torch.float32).reshape(())
+                        live["step"] = torch.tensor(float(step), dtype=dtype, device=device)
+                    elif step.dtype != dtype or step.device != device:
+                        live["step"] = step.to(device=device, dtype=dtype).reshape(())
 
 
 def float_state_dict(optimizer: RMSprop) -> dict:

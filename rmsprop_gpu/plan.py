@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import backends
-from ._contract import SIXTEEN_BIT, Group, Hyper, build_groups, check_float32_range
+from ._contract import SIXTEEN_BIT, Group, Hyper, build_groups, check_float32_range, scalar
 
 _data_ptr = torch.Tensor.data_ptr
 
@@ -29,12 +29,13 @@ _data_ptr = torch.Tensor.data_ptr
 def make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable=False,
                grad_scale=None, found_inf=None, lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False,
                bias_correction=False, stochastic_rounding=False, sr_seed=0) -> Hyper:
-    """Normalized run-time values: Python floats and bools (numpy scalars accepted), a 0-dim lr tensor."""
+    """Normalized run-time values: Python floats and bools (numpy scalars, 1-element tensors read), a 0-dim lr
+    tensor."""
     if isinstance(lr, torch.Tensor):
         lr = lr.reshape(()) if lr.dim() else lr  # a view: a scheduler's in-place update stays visible
     else:
         lr = float(lr)
-    return Hyper(lr, float(alpha), float(eps), float(weight_decay), float(momentum), bool(centered),
+    return Hyper(lr, scalar(alpha), scalar(eps), scalar(weight_decay), scalar(momentum), bool(centered),
                  bool(maximize), bool(eps_in_sqrt), bool(capturable), grad_scale, found_inf, bool(lr_in_momentum),
                  bool(nesterov), bool(decoupled_weight_decay), bool(bias_correction), bool(stochastic_rounding),
                  check_sr_seed(sr_seed))

@@ -131,6 +131,29 @@ def test_numpy_scalars_are_accepted(backend):  # B4
 
 
 @pytest.mark.parametrize("backend", ALL)
+def test_tensor_hyperparameters_are_accepted_and_read_every_step(backend):
+    """torch takes 1-element tensors for alpha, eps, weight_decay and momentum too; a change made in place (the
+    same tensor object) must reach the next step."""
+    kw = dict(alpha=torch.tensor(0.9), eps=torch.tensor([1e-6]), weight_decay=torch.tensor(0.01, dtype=torch.float64),
+              momentum=torch.tensor(0.5), centered=True)
+    a, b, ours, ref = pair(lambda: [torch.randn(30, generator=torch.Generator().manual_seed(0))], backend, **kw)
+    ref.param_groups[0].update({k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor)})
+    for step in range(4):
+        if step == 2:
+            for group in (ours.param_groups[0], ref.param_groups[0]):
+                group["alpha"].fill_(0.5)
+                group["momentum"].fill_(0.8)
+        g = torch.randn(30)
+        a[0].grad, b[0].grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    for bad in (torch.tensor([0.9, 0.9]), torch.tensor(0.9j)):
+        with pytest.raises(ValueError, match="alpha"):
+            rmsprop_gpu.RMSprop([a[0]], alpha=bad)
+
+
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("old_step", [3, torch.tensor(3), torch.tensor(3.0, dtype=torch.float64)], ids=str)
 def test_old_checkpoint_steps_load(backend, old_step):  # B5
     p = torch.randn(10)
@@ -142,6 +165,38 @@ def test_old_checkpoint_steps_load(backend, old_step):  # B5
     opt.load_state_dict(sd)
     opt.step()
     assert opt.state[p]["step"].dtype == torch.float32 and float(opt.state[p]["step"]) == 4
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("options", [{}, {"bias_correction": True}], ids=["torch_options", "kernel_reads_step"])
+def test_step_counters_follow_the_default_dtype_as_torchs(backend, options):
+    """torch makes float64 counters under torch.set_default_dtype(torch.float64) (PyTorch's
+    test_set_default_dtype_works_with_foreach); ours too, but where the kernel reads the counter (float32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        p = torch.randn(10, dtype=torch.float32)
+        q = p.clone()
+        p.grad = torch.randn(10, dtype=torch.float32)
+        q.grad = p.grad.clone()
+        opt = rmsprop_gpu.RMSprop([p], backend=backend, momentum=0.9, **options)
+        want = torch.float32 if options else torch.float64
+        if not options:
+            ref = torch.optim.RMSprop([q], momentum=0.9)
+        for _ in range(3):
+            opt.step()
+            if not options:
+                ref.step()
+        assert opt.state[p]["step"].dtype == want and float(opt.state[p]["step"]) == 3
+        if not options:
+            assert ref.state[q]["step"].dtype == want
+            torch.testing.assert_close(p, q)
+        sd = opt.state_dict()
+        sd["state"][0]["step"] = 5
+        opt.load_state_dict(sd)
+        assert opt.state[p]["step"].dtype == want and float(opt.state[p]["step"]) == 5
+    finally:
+        torch.set_default_dtype(old)
 
 
 def test_load_pre_hook_runs_before_our_checks():  # B6
