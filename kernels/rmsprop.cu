@@ -300,7 +300,9 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
   if (CENTERED) {
     ga = ga + h.one_minus_alpha * (g - ga);
     const float avg = bias ? ga * h.inv_bc : ga;
-    var = var - avg * avg;
+    // torch's addcmul(value=-1) is an FMA: v = inf stays inf though avg^2 overflows. optax subtracts (clamped
+    // below); 8-bit: an infinite average is a NaN block anyway
+    var = (bias || CLAMP_VAR) ? var - avg * avg : fmaf(-avg, avg, var);
     // rounding at step 1 (optax then gives NaN), or 8-bit v and grad_avg crossing; NaN stays NaN
     if ((bias || CLAMP_VAR) && var < 0.0f) var = 0.0f;
   }

@@ -178,7 +178,10 @@ def _update(
         avg = ga
         if BIAS_CORRECTION:
             avg = ga * inv_bc
-        var = var - avg * avg
+        if BIAS_CORRECTION or CLAMP_VAR:  # optax's subtraction (clamped below); 8-bit: inf is a NaN block anyway
+            var = var - avg * avg
+        else:  # torch's addcmul(value=-1) is an FMA: v = inf stays inf though avg^2 overflows
+            var = tl.fma(-avg, avg, var)
         if BIAS_CORRECTION or CLAMP_VAR:  # negative by rounding at step 1 (optax: NaN), or by quantization
             var = tl.where(var < 0.0, 0.0, var)
     if EPS_IN_SQRT:

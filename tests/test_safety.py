@@ -230,6 +230,22 @@ def test_huge_gradient_keeps_training_like_torch(backend):  # B8
 
 
 @pytest.mark.parametrize("backend", ALL)
+def test_centered_average_beyond_float32_behaves_like_torch(backend):
+    """g = 3e38: square_avg overflows to inf and grad_avg^2 would too; torch's addcmul(value=-1) is a fused
+    multiply-add, so v - grad_avg^2 stays inf (no inf - inf = NaN) and the param keeps its value."""
+    a, b, ours, ref = pair(lambda: [torch.randn(7, generator=torch.Generator().manual_seed(3))], backend,
+                           centered=True, momentum=0.5)
+    for g in (torch.full((7,), 3e38), torch.randn(7)):
+        a[0].grad, b[0].grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        assert not a[0].isnan().any()
+        torch.testing.assert_close(a[0], b[0])
+        for key in ("square_avg", "grad_avg", "momentum_buffer"):
+            torch.testing.assert_close(ours.state[a[0]][key], ref.state[b[0]][key])
+
+
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("name", ["lr", "eps", "weight_decay"])
 def test_values_beyond_float32_behave_like_torch(backend, name):  # B9
     """torch's float32 step raises for lr and weight_decay beyond float32 (scalar overflow); eps becomes inf."""
