@@ -137,6 +137,12 @@ def validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, read_ten
         _check_nonneg(name, _number(name, v))
 
 
+def kernel_reads_steps(bias_correction: bool, stochastic_rounding: bool, eight_bit: bool) -> bool:
+    """Whether the kernels read a param's step counter (float32, on the param's device; the host advances it
+    after the launch): bias correction, the stochastic rounding stream, 8-bit state's stochastic codes."""
+    return bool(bias_correction or stochastic_rounding or eight_bit)
+
+
 def check_float32_range(hyper: Hyper) -> None:
     """lr and weight_decay beyond float32: torch's float32 step raises (scalar overflow), so do we, before any
     write. (eps, alpha and momentum overflow to inf in torch without an error, and in the kernels alike.)"""

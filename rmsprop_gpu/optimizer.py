@@ -8,7 +8,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends, quantize
-from ._contract import STATE_KEYS, check_float32_range, validate_hyperparameters
+from ._contract import STATE_KEYS, check_float32_range, kernel_reads_steps, validate_hyperparameters
 from .functional import RMSpropPlan
 from .in_backward import InBackward
 from .plan import SWITCHES, StepPlan, check_groups, check_sr_seed, make_hyper, prepare, structure
@@ -137,13 +137,10 @@ class RMSprop(Optimizer):
         """torch's: float64 under torch.set_default_dtype(torch.float64), else float32. float32 where the kernels
         read the counter (bias correction, stochastic rounding, 8-bit state); elsewhere a float64 counter is
         advanced on the host, as a CPU one is."""
-        if torch.get_default_dtype() != torch.float64 or cls._reads_steps(p, group):
+        if torch.get_default_dtype() != torch.float64 or kernel_reads_steps(
+                group["bias_correction"], group["stochastic_rounding"], cls._quantized(p, group)):
             return torch.float32
         return torch.float64
-
-    @classmethod
-    def _reads_steps(cls, p: torch.Tensor, group) -> bool:
-        return bool(group["bias_correction"] or group["stochastic_rounding"] or cls._quantized(p, group))
 
     @staticmethod
     def _quantized(p: torch.Tensor, group) -> bool:

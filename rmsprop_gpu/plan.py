@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import backends
-from ._contract import SIXTEEN_BIT, Group, Hyper, build_groups, check_float32_range, scalar
+from ._contract import SIXTEEN_BIT, Group, Hyper, build_groups, check_float32_range, kernel_reads_steps, scalar
 
 _data_ptr = torch.Tensor.data_ptr
 
@@ -79,7 +79,7 @@ def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, st
         raise ValueError("8-bit state needs state_steps (each param's step count seeds the stochastic rounding of "
                          "its codes)")
     for g in groups:  # the kernels read these counters (the host advances them after the launch)
-        g.read_steps = hyper.bias_correction or hyper.stochastic_rounding or g.state_dtype == "uint8"
+        g.read_steps = kernel_reads_steps(hyper.bias_correction, hyper.stochastic_rounding, g.state_dtype == "uint8")
     if foreach is False:  # torch's for-loop layout: one launch per tensor
         groups = [one for g in groups for one in g.split()]
     out = []
