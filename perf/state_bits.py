@@ -15,7 +15,6 @@ Writes <out>.json, <out>.md and <out>.png and prints the tables.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import rmsprop_gpu  # noqa: E402
 from perf.models import MODELS  # noqa: E402
-from perf.stochastic_rounding import digits  # noqa: E402
+from perf.stochastic_rounding import digits, digits_run_args  # noqa: E402
 from rmsprop_gpu import quantize  # noqa: E402
 
 VARIANTS = {"plain": dict(), "momentum": dict(momentum=0.9), "centered + momentum": dict(momentum=0.9, centered=True)}
@@ -105,16 +104,8 @@ def one_step_error(run: dict, variant: dict, lr: float, data) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--backend", default="torch")
-    ap.add_argument("--smoke", action="store_true", help="a few steps, one seed (CI)")
-    ap.add_argument("--out", type=Path, default=ROOT / "perf" / "results" / "state_bits_cpu")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        args.steps, args.seeds = 10, 1
+    args = digits_run_args(argv, __doc__.splitlines()[0], steps=200, lr=1e-4, smoke_steps=10,
+                           out_name="state_bits_cpu")
     data = digits()
     results = {}
     for vname, variant in VARIANTS.items():

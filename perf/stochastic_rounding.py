@@ -67,17 +67,24 @@ def train(run: dict, seed: int, steps: int, lr: float, backend: str, data) -> di
     return {"losses": losses, "final_train_loss": final, "test_accuracy": acc}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1500)
+def digits_run_args(argv, description: str, steps: int, lr: float, smoke_steps: int, out_name: str):
+    """The command line of a digits training run (this script's, perf/state_bits.py's)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--smoke", action="store_true", help="a few steps, one seed (CI)")
-    ap.add_argument("--out", type=Path, default=ROOT / "perf" / "results" / "stochastic_rounding_cpu")
+    ap.add_argument("--out", type=Path, default=ROOT / "perf" / "results" / out_name)
     args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.seeds = 20, 1
+        args.steps, args.seeds = smoke_steps, 1
+    return args
+
+
+def main(argv=None) -> int:
+    args = digits_run_args(argv, __doc__.splitlines()[0], steps=1500, lr=3e-4, smoke_steps=20,
+                           out_name="stochastic_rounding_cpu")
     data = digits()
     results = {}
     for name, run in RUNS.items():
