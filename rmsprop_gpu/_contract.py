@@ -6,6 +6,7 @@ parameter and state tensor untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -15,6 +16,8 @@ import torch
 from . import _arrays as arr
 
 STATE_KEYS = ("square_avg", "momentum_buffer", "grad_avg")
+# a Group's tensor lists, in the order a plan confirms them (grads last: they alone move every step)
+TENSOR_LISTS = ("params", "square_avgs", "momentum_buffers", "grad_avgs", "steps", "grads")
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 SIXTEEN_BIT = ("float16", "bfloat16")
@@ -67,6 +70,22 @@ class Group:
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def written(self) -> list:
+        """The tensors a step writes: params and state (autograd's version counters are bumped for them)."""
+        out = self.params + self.square_avgs
+        for states in (self.momentum_buffers, self.grad_avgs):
+            if states is not None:
+                out = out + states
+        return out
+
+    def bound(self, lists: dict) -> Group:
+        """This group's layout and bookkeeping with these tensor lists (Group field name -> list)."""
+        return dataclasses.replace(self, **lists)
+
+    def unbound(self) -> Group:
+        """This group without its tensors: what a cached plan keeps (the tensors are given to each run)."""
+        return self.bound({name: None if getattr(self, name) is None else [] for name in TENSOR_LISTS})
 
     def subset(self, index: list[int]) -> Group:
         """The group of these tensors (in this order), in slot 0."""
@@ -262,7 +281,7 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
                          (f"grad_avgs[{i}]", a)):
             if t is not None:
                 _check_writable(label, t)
-                span = _byte_span(t)
+                span = byte_span(t)
                 if span:
                     written.append((*span, label))
         dev = arr.device_of(p)
@@ -286,7 +305,7 @@ def build_groups(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
             grp.grad_avgs.append(a)
         if steps:
             grp.steps.append(steps[i])
-    _check_no_overlap(written)
+    check_no_overlap(written)
     _check_scalars(hyper)
     return list(groups.values())
 
@@ -301,7 +320,7 @@ def _check_writable(label: str, t) -> None:
                            "refers to a single memory location. Please clone() the tensor before the step.")
 
 
-def _byte_span(t) -> tuple[int, int] | None:
+def byte_span(t) -> tuple[int, int] | None:
     """[first, end) bytes a tensor can touch; None when empty."""
     if arr.numel(t) == 0:
         return None
@@ -311,7 +330,7 @@ def _byte_span(t) -> tuple[int, int] | None:
     return arr.ptr(t), arr.ptr(t) + int(t.nbytes)
 
 
-def _check_no_overlap(spans: list[tuple[int, int, str]]) -> None:
+def check_no_overlap(spans: list[tuple[int, int, str]]) -> None:
     """Tensors written in one step must not share memory: the fused kernels would race on it."""
     spans.sort()
     end, owner = -1, ""

@@ -8,16 +8,11 @@ step plan.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from itertools import chain
-from operator import is_
-
 import torch
 
-from . import _arrays as arr
 from . import backends
-from ._contract import check_float32_range, validate_hyperparameters
-from .plan import check_groups, make_hyper, prepare
+from ._contract import Hyper, check_float32_range, validate_hyperparameters
+from .plan import Plan, check_groups, make_hyper, per_call_views
 
 
 @torch._disable_dynamo  # clean graph break under torch.compile (lazy: dynamo loads at the first call)
@@ -67,8 +62,9 @@ def rmsprop(
                        stochastic_rounding, sr_seed)
     checked = check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper,
                            foreach=foreach, backend=backend)
-    for entry in prepare(checked, owned=False):  # every check and table first, then the writes
-        entry.run({0: hyper})
+    launches = [(c.backend, c.group, c.backend.prepare(c.group, hyper)) for c in checked]  # every table first
+    for b, group, prepared in launches:  # then the writes
+        b.run(prepared, group, [hyper])
 
 
 class RMSpropPlan:
@@ -82,10 +78,12 @@ class RMSpropPlan:
 
     The lists, and the structural options (momentum > 0, centered, eps_in_sqrt, capturable, foreach,
     backend, the switches), are fixed at construction; values (lr, alpha, eps, weight_decay, momentum, maximize,
-    sr_seed) and
-    grad_scale / found_inf are given per call. Each call confirms every address the plan holds (a tensor's
-    storage swapped through .data is seen) and re-plans with the full checks when one moved; new grads of
-    the same shapes, dtypes and strides only re-point the tables. Works with CuPy arrays too.
+    sr_seed) and grad_scale / found_inf are given per call. The plan holds its lists, the grads of the last call
+    included (pass new grads, or drop the plan, to release them). Each call confirms the address and layout
+    (shape, strides, dtype, device) of every tensor against what its launches were built from: new grads (or
+    any tensor moved, e.g. t.data = ...) of the same layouts only re-point the tables; anything else re-plans with
+    the full checks before any write. A call that fails changes nothing, its grads included. Works with CuPy
+    arrays too.
     """
 
     def __init__(self, params, grads, square_avgs, grad_avgs=None, momentum_buffer_list=None, state_steps=None,
@@ -94,21 +92,18 @@ class RMSpropPlan:
                  stochastic_rounding=False, stream_ids=None):
         backends.requested_name(backend)
         self._stream_ids = None if stream_ids is None else list(stream_ids)  # default: positions in `params`
-        self._grads = list(grads)
-        self._fixed = [list(params), list(square_avgs), list(grad_avgs or []), list(momentum_buffer_list or []),
-                       list(state_steps or [])]
+        self._lists = {"params": list(params), "grads": list(grads), "square_avgs": list(square_avgs),
+                       "momentum_buffers": list(momentum_buffer_list) if momentum_buffer_list else None,
+                       "grad_avgs": list(grad_avgs) if grad_avgs else None,
+                       "steps": list(state_steps) if state_steps else None}
         self._structure = dict(momentum=float(momentum), centered=bool(centered), eps_in_sqrt=bool(eps_in_sqrt),
                                capturable=bool(capturable))
         self._switches = (bool(lr_in_momentum), bool(nesterov), bool(decoupled_weight_decay), bool(bias_correction),
                           bool(stochastic_rounding))
         self._foreach, self._backend = foreach, backend
-        self._entries = None
+        self._plan: Plan | None = None
         # complex params and DTensors run as per-call views: planned on every call
-        self._cacheable = not any(isinstance(p, torch.Tensor) and (p.is_complex() or type(p).__name__ == "DTensor")
-                                  for p in self._fixed[0])
-
-    def _addresses(self) -> tuple[list[int], list[int]]:
-        return list(map(arr.ptr, chain.from_iterable(self._fixed))), list(map(arr.ptr, self._grads))
+        self._cacheable = not per_call_views(self._lists["params"])
 
     @torch._disable_dynamo
     @torch.no_grad()
@@ -122,61 +117,29 @@ class RMSpropPlan:
         validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, read_tensor_lr=not st["capturable"])
         hyper = make_hyper(lr, alpha, eps, weight_decay, momentum, st["centered"], maximize, st["eps_in_sqrt"],
                            st["capturable"], grad_scale, found_inf, *self._switches, sr_seed)
+        lists = self._lists
         if grads is not None:
             grads = list(grads)
-            if len(grads) != len(self._grads):
-                raise ValueError(f"grads has {len(grads)} entries, the plan {len(self._grads)}")
-            same_kind = all(map(_same_kind, grads, self._grads))
-            self._grads = grads
-            if self._entries is not None and same_kind:  # re-point the tables at the new grads
-                for e in self._entries:
-                    e.group.grads = [grads[i] for i in e.group.index]
-                    e.prepared = e.backend.regrad(e.prepared, e.group)
-                self._ptrs = (self._ptrs[0], self._addresses()[1])
-            else:
-                self._entries = None
-        if self._entries is None or not self._cacheable or self._addresses() != self._ptrs:
-            checked = check_groups(self._fixed[0], self._grads, *self._fixed[1:4], self._fixed[4] or None, hyper,
-                                   foreach=self._foreach, backend=self._backend, stream_ids=self._stream_ids)
-            self._entries = prepare(checked, owned=True)
-            self._ptrs = self._addresses()
-        elif any(e.group.param_dtype != "float64" for e in self._entries):
-            check_float32_range(hyper)
-        for e in self._entries:
-            e.run({0: hyper})
+            if len(grads) != len(lists["grads"]):
+                raise ValueError(f"grads has {len(grads)} entries, the plan {len(lists['grads'])}")
+            lists = {**lists, "grads": grads}
+        self._plan = run_planned(self._plan if self._cacheable else None, lists, hyper, self._foreach,
+                                 self._backend, self._stream_ids)
+        self._lists = lists  # the step ran: these grads are the plan's now
 
 
-class PlanCache:
-    """RMSpropPlans per set of tensors, found by identity; the tensors are held, so their ids stay unique while
-    cached. Least recently used first out beyond max_entries."""
-
-    def __init__(self, max_entries: int):
-        self._max = max_entries
-        self._entries: OrderedDict[tuple, tuple[list, RMSpropPlan]] = OrderedDict()
-
-    def get(self, key: tuple, tensors: list, make) -> RMSpropPlan:
-        hit = self._entries.get(key)
-        if hit is not None and len(hit[0]) == len(tensors) and all(map(is_, hit[0], tensors)):
-            self._entries.move_to_end(key)
-            return hit[1]
-        plan = make()
-        self._entries[key] = (list(tensors), plan)
-        if len(self._entries) > self._max:
-            self._entries.popitem(last=False)
-        return plan
-
-
-def _same_kind(new, old) -> bool:
-    """A replacement grad the plan can take without the full checks."""
-    if new is old:
-        return True
-    if isinstance(new, torch.Tensor) != isinstance(old, torch.Tensor):
-        return False
-    if isinstance(new, torch.Tensor):
-        return (new.layout == torch.strided and new.dtype == old.dtype and new.shape == old.shape
-                and new.device == old.device and new.stride() == old.stride())
-    return new.dtype == old.dtype and new.shape == old.shape and new.strides == old.strides and (
-        new.device == old.device)
+def run_planned(plan: Plan | None, lists: dict, hyper: Hyper, foreach, backend, stream_ids) -> Plan:
+    """One step of these lists through `plan` when it confirms them, else through a new plan (every check first,
+    nothing written when one fails). Returns the plan that ran."""
+    if plan is None or not plan.confirm(lists):
+        checked = check_groups(lists["params"], lists["grads"], lists["square_avgs"], lists["grad_avgs"],
+                               lists["momentum_buffers"], lists["steps"], hyper, foreach=foreach, backend=backend,
+                               stream_ids=stream_ids)
+        plan = Plan(checked, lists)
+    elif plan.float32:
+        check_float32_range(hyper)
+    plan.run(lists, {0: hyper})
+    return plan
 
 
 def which_backend(params, *, backend=None, **options) -> list[str]:

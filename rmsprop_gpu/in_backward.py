@@ -14,8 +14,8 @@ nothing: it calls a sharded param's post-accumulate-grad hooks after the reduce-
 as its grad, so each rank updates its own shards as they arrive and frees their grads.
 
 With accumulation_steps=k the update runs on every k-th backward (grads accumulate in between, as usual).
-Each bucket runs through an rmsprop_gpu.RMSpropPlan cached per bucket (buckets repeat from step to step), so a
-bucket step costs what a step of the optimizer costs.
+Each bucket runs through a plan cached per bucket (buckets repeat from step to step), which confirms every
+tensor as the optimizer's step does, so a bucket step costs what a step of the optimizer costs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-from .functional import PlanCache
+from .plan import LRU
 
 
 class InBackward:
@@ -43,7 +43,7 @@ class InBackward:
         self.counts: dict[int, int] = {}  # id(param) -> backwards accumulated since its last update
         self.backwards = 0  # backward passes since the last opt.step()
         self.buckets = 0  # buckets stepped (tests and benchmarks read it)
-        self.plans = PlanCache(4096)  # one per bucket part; buckets move when params gain or lose grads
+        self.plans = LRU(4096)  # a plan per bucket part (no tensors held); buckets move when params gain grads
         self.warned = False
         self.ddp = None  # the DDP model whose comm hook drives the updates (attach_ddp)
 

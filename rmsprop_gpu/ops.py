@@ -4,7 +4,7 @@ torch.ops.rmsprop_gpu.rmsprop_ mutates params and state in place and returns not
 compiler on purpose, for every backend: the kernels write through the addresses in their tensor tables, which
 a compiler cannot see, so torch.library.triton_op (which lets Inductor analyse the kernel's tensor arguments)
 would not be sound here; the op's declared mutations (params, states, steps) are exactly what it writes.
-At run time it is rmsprop_gpu.rmsprop() on the real tensors, with the plans cached per set of tensors.
+At run time it is rmsprop_gpu.rmsprop() on the real tensors, through plans cached by structure (_PLANS).
 
 Hyperparameters: lr as a tensor (lr_tensor) is read at run time, so a scheduler changing it never recompiles;
 Python floats (lr, alpha, eps, weight_decay, momentum) are constants of the compiled graph, as in torch's own
@@ -16,21 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import PlanCache, RMSpropPlan
+from ._contract import validate_hyperparameters
+from .functional import run_planned
+from .plan import LRU, make_hyper, per_call_views
 
-_PLANS = PlanCache(8)  # a few plans, keyed by tensor identity (they hold at most 8 sets of tensors alive)
-
-
-def _plan_for(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, momentum, centered,
-              eps_in_sqrt, capturable, backend, switches, stream_ids) -> RMSpropPlan:
-    key = (tuple(map(id, params)), tuple(map(id, square_avgs)), tuple(map(id, state_steps)), momentum > 0,
-           centered, eps_in_sqrt, capturable, backend, switches, None if stream_ids is None else tuple(stream_ids))
-    return _PLANS.get(key, params + square_avgs + state_steps, lambda: RMSpropPlan(
-        params, grads, square_avgs, grad_avgs or None, momentum_buffers or None, state_steps or None,
-        momentum=momentum, centered=centered, eps_in_sqrt=eps_in_sqrt, capturable=capturable,
-        backend=backend or None, lr_in_momentum=switches[0], nesterov=switches[1],
-        decoupled_weight_decay=switches[2], bias_correction=switches[3], stochastic_rounding=switches[4],
-        stream_ids=stream_ids))
+# plans by the structure of a call (options, stream ids, list lengths). They hold no tensor: under aot_eager each
+# call gets fresh copies of the params and state, and the plan re-points its tables at them (same layouts) or is
+# rebuilt (anything else), instead of keeping a stale set of copies alive per call
+_PLANS = LRU(16)
 
 
 @torch.library.custom_op("rmsprop_gpu::rmsprop_",
@@ -46,13 +39,18 @@ def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor
     each param's random stream (the optimizer's positions; default: positions in these lists)."""
     if not params:
         return
-    plan = _plan_for(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, momentum, centered,
-                     eps_in_sqrt, capturable, backend,
-                     (lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction, stochastic_rounding),
-                     stream_ids)
-    plan(grads=grads, lr=lr_tensor if lr_tensor is not None else lr, alpha=alpha, eps=eps,
-         weight_decay=weight_decay, momentum=momentum, maximize=maximize, grad_scale=grad_scale,
-         found_inf=found_inf, sr_seed=sr_seed)
+    switches = (lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction, stochastic_rounding)
+    lr = lr_tensor if lr_tensor is not None else lr
+    validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, read_tensor_lr=not capturable)
+    hyper = make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable,
+                       grad_scale, found_inf, *switches, sr_seed)
+    lists = {"params": list(params), "grads": list(grads), "square_avgs": list(square_avgs),
+             "momentum_buffers": list(momentum_buffers) or None, "grad_avgs": list(grad_avgs) or None,
+             "steps": list(state_steps) or None}
+    key = (len(params), momentum > 0, centered, eps_in_sqrt, capturable, backend, switches,
+           None if stream_ids is None else tuple(stream_ids))
+    plan = None if per_call_views(params) else _PLANS.get(key)
+    _PLANS.put(key, run_planned(plan, lists, hyper, None, backend or None, stream_ids))
 
 
 @rmsprop_.register_fake

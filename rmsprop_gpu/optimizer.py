@@ -9,9 +9,9 @@ from torch.optim import Optimizer
 
 from . import backends, quantize
 from ._contract import STATE_KEYS, check_float32_range, kernel_reads_steps, validate_hyperparameters
-from .functional import RMSpropPlan
+from .functional import run_planned
 from .in_backward import InBackward
-from .plan import SWITCHES, StepPlan, check_groups, check_sr_seed, make_hyper, prepare, structure
+from .plan import SWITCHES, Plan, StepPlan, check_groups, check_sr_seed, make_hyper, per_call_views, structure
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # options torch.optim.RMSprop does not have (a torch checkpoint lacks them)
@@ -153,7 +153,7 @@ class RMSprop(Optimizer):
     def _gather(self, group, pending: dict, params=None, grads=None):
         """Params with grads (of the group, or these of it; grads by id(param) when given, else p.grad) and their
         state; new state goes to `pending`, committed only once all checks pass."""
-        out = {k: [] for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps")}
+        out = {k: [] for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps", "dicts")}
         needed = (["square_avg"] + ["momentum_buffer"] * bool(group["momentum"] > 0)
                   + ["grad_avg"] * bool(group["centered"]))
         idle = []
@@ -183,6 +183,7 @@ class RMSprop(Optimizer):
                         state[key].fill_(fill)
                 pending[p] = state
             out["params"].append(p)
+            out["dicts"].append(state)
             out["grads"].append(grad)
             out["square_avgs"].append(state["square_avg"])
             out["steps"].append(state["step"])
@@ -253,9 +254,12 @@ class RMSprop(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         try:
             plan = self.__dict__.get("_plan")
-            if plan is None or not plan.refresh(self.param_groups, self.state):
-                plan = self._plan = self._build_plan()
-            self._run(plan, grad_scale, found_inf)
+            lists = None if plan is None else plan.refresh(self.param_groups, self.state)
+            if lists is None:
+                self._plan = None  # a failed build leaves no plan behind
+                plan, lists = self._build_plan()
+                self._plan = plan
+            self._run(plan, lists, grad_scale, found_inf)
         except BaseException:
             # GradScaler deletes these after a step that returns; after one that raises, they must not linger
             # and silently skip every later plain step
@@ -279,63 +283,72 @@ class RMSprop(Optimizer):
                           group["centered"], group["maximize"], group["eps_in_sqrt"], group["capturable"],
                           grad_scale, found_inf, *(group[k] for k in SWITCHES), group["sr_seed"])
 
-    def _build_plan(self) -> StepPlan:
-        """Every check of every group, then tables; new state is committed only when all of it passed."""
+    def _build_plan(self) -> tuple[StepPlan, dict]:
+        """Every check of every group, then tables; new state is committed only when all of it passed. Returns the
+        plan and this step's tensor lists."""
         pending: dict = {}
-        plan = StepPlan()
+        sp = StepPlan()
         checked, gathered = [], []
+        lists: dict = {"params": [], "grads": [], "square_avgs": [], "steps": []}
         positions = self._positions()
         for gi, group in enumerate(self.param_groups):
             t = self._gather(group, pending)
+            names = ()
             if group["differentiable"]:
                 if group["eps_in_sqrt"] or any(group[k] for k in SWITCHES):
                     raise ValueError("eps_in_sqrt=True, other frameworks' switches and stochastic rounding have no "
                                      "differentiable reference step in torch")
-                plan.entries.append(_ReferenceEntry(gi))
+                sp.reference.append(gi)
             elif t["params"]:
                 validate_hyperparameters(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
                                          group["momentum"], read_tensor_lr=not group["capturable"])
+                names = ("square_avgs", "steps", *(("momentum_buffers",) if group["momentum"] > 0 else ()),
+                         *(("grad_avgs",) if group["centered"] else ()))
+                offsets = {n: len(lists.setdefault(n, [])) for n in ("params", "grads", *names)}
                 checked += check_groups(
                     t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"], t["steps"],
                     self._hyper(group), foreach=group["foreach"], backend=group["backend"], group_index=gi,
-                    stream_ids=self._stream_ids(t["params"], positions))
-            if any(p.is_complex() or type(p).__name__ == "DTensor" for p in t["params"]):
-                plan.cacheable = False  # the kernels see per-call views of these: check every step
-            gathered.append(t)
-        plan.entries += prepare(checked, owned=True)  # one launch per layout across param groups
+                    stream_ids=self._stream_ids(t["params"], positions), offsets=offsets)
+                for n in ("params", "grads", *names):
+                    lists[n] += t[n]
+            if per_call_views(t["params"]):
+                sp.cacheable = False  # the kernels see per-call views of these: check every step
+            gathered.append((t, names))
+        sp.plan = Plan(checked, lists) if checked else None  # one launch per layout across param groups
         for p, state in pending.items():  # every check passed: commit new state
             self.state[p] = state
-        for group, t in zip(self.param_groups, gathered):  # what the plan read, watched from now on
-            plan.watch(group, t["params"], t["idle"], t["grads"])
-        plan.seal(self.state)
-        return plan
+        for gi, (group, (t, names)) in enumerate(zip(self.param_groups, gathered)):  # watched from now on
+            if gi in sp.reference:
+                sp.watch(group, [], [], [], ())
+            else:
+                sp.watch(group, t["params"], t["idle"], t["dicts"], names)
+        sp.seal(self.state)
+        return sp, lists
 
-    def _run(self, plan: StepPlan, grad_scale, found_inf) -> None:
+    def _run(self, plan: StepPlan, lists: dict, grad_scale, found_inf) -> None:
         amp = grad_scale is not None or found_inf is not None
         groups = self.param_groups
         values = list(map(_hyper_values, groups))
         lrs = list(map(_lr_of, groups))
         if amp or values != plan.last_values or not all(map(is_, lrs, plan.last_lrs)):
             # else the same values as last step: checked, and reused
+            if plan.reference and amp:
+                raise RuntimeError("differentiable=True groups cannot take GradScaler's grad_scale/found_inf")
             hypers = {}
-            for e in plan.entries:  # every value checked before the first write
-                reference = isinstance(e, _ReferenceEntry)
-                if reference and amp:
-                    raise RuntimeError("differentiable=True groups cannot take GradScaler's grad_scale/found_inf")
+            for e in plan.plan.entries if plan.plan is not None else ():  # every value checked before a write
                 for gi in e.group_indices:
                     h = hypers.get(gi) or hypers.setdefault(gi, self._hyper(groups[gi], grad_scale, found_inf))
-                    if not reference and e.group.param_dtype != "float64":
+                    if e.group.param_dtype != "float64":
                         check_float32_range(h)
             # tensor alpha/eps/weight_decay/momentum: read every step (an in-place change keeps the same object)
             fresh = amp or any(isinstance(v, torch.Tensor) for vs in values for v in vs)
             plan.last_values, plan.last_lrs, plan.last_hypers = (None, (), None) if fresh else (values, lrs, hypers)
         else:
             hypers = plan.last_hypers
-        for e in plan.entries:
-            if isinstance(e, _ReferenceEntry):
-                e.run(self, groups[e.group_indices[0]])
-            else:
-                e.run(hypers)
+        if plan.plan is not None:
+            plan.plan.run(lists, hypers)
+        for gi in plan.reference:
+            _reference_step(self, groups[gi])
 
     def add_param_group(self, param_group) -> None:
         super().add_param_group(param_group)
@@ -362,13 +375,16 @@ class RMSprop(Optimizer):
             pending: dict = {}
             t = self._gather(group, pending, part, given)
             self.state.update(pending)
-            tensors = t["params"] + t["square_avgs"] + t["steps"]
-            key = (gi, tuple(map(id, t["params"])), structure(group))
-            plan = ib.plans.get(key, tensors, lambda t=t, group=group: _bucket_plan(  # built on a miss only
-                t, group, self._stream_ids(t["params"])))
-            plan(grads=t["grads"], lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
-                 weight_decay=group["weight_decay"], momentum=group["momentum"], maximize=group["maximize"],
-                 sr_seed=group["sr_seed"])
+            lists = {"params": t["params"], "grads": t["grads"], "square_avgs": t["square_avgs"],
+                     "momentum_buffers": t["momentum_buffers"] or None, "grad_avgs": t["grad_avgs"] or None,
+                     "steps": t["steps"]}
+            key = (gi, tuple(map(id, t["params"])), structure(group))  # the plan confirms every tensor anyway
+            hyper = self._hyper(group)
+            validate_hyperparameters(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
+                                     group["momentum"], read_tensor_lr=not group["capturable"])
+            plan = None if per_call_views(t["params"]) else ib.plans.get(key)
+            ib.plans.put(key, run_planned(plan, lists, hyper, group["foreach"], group["backend"],
+                                          self._stream_ids(t["params"])))
 
     def load_state_dict(self, state_dict) -> None:
         """torch's load_state_dict after torch's pre-hooks, refusing state that does not fit the params before
@@ -457,36 +473,20 @@ def float_state_dict(optimizer: RMSprop) -> dict:
     return {"state": state, "param_groups": [{**s, "state_bits": 32} for s in sd["param_groups"]]}
 
 
-def _bucket_plan(t: dict, group: dict, stream_ids: list[int]) -> RMSpropPlan:
-    return RMSpropPlan(t["params"], t["grads"], t["square_avgs"], t["grad_avgs"] or None,
-                       t["momentum_buffers"] or None, t["steps"], momentum=group["momentum"],
-                       centered=group["centered"], eps_in_sqrt=group["eps_in_sqrt"], capturable=group["capturable"],
-                       foreach=group["foreach"], backend=group["backend"], stream_ids=stream_ids,
-                       **{k: group[k] for k in SWITCHES})
-
-
-class _ReferenceEntry:
+def _reference_step(opt: RMSprop, group) -> None:
     """A differentiable=True group: torch's own single-tensor RMSprop, grad enabled, on this optimizer's state
     (same state keys and state_dict), so code written for torch.optim.RMSprop(differentiable=True) runs."""
+    from torch.optim.rmsprop import rmsprop as torch_rmsprop
 
-    def __init__(self, group_index: int):
-        self.group_indices = [group_index]
-
-    def regrad(self) -> None:
-        """Nothing to re-point: run() gathers the group's grads itself every step."""
-
-    def run(self, opt: RMSprop, group) -> None:
-        from torch.optim.rmsprop import rmsprop as torch_rmsprop
-
-        pending: dict = {}
-        t = opt._gather(group, pending)
-        opt.state.update(pending)
-        if not t["params"]:
-            return
-        with torch.enable_grad():
-            torch_rmsprop(t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"],
-                          t["steps"], foreach=False, maximize=bool(group["maximize"]), differentiable=True,
-                          capturable=bool(group["capturable"]), has_complex=any(p.is_complex() for p in t["params"]),
-                          lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
-                          weight_decay=group["weight_decay"], momentum=group["momentum"],
-                          centered=bool(group["centered"]))
+    pending: dict = {}
+    t = opt._gather(group, pending)
+    opt.state.update(pending)
+    if not t["params"]:
+        return
+    with torch.enable_grad():
+        torch_rmsprop(t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"],
+                      t["steps"], foreach=False, maximize=bool(group["maximize"]), differentiable=True,
+                      capturable=bool(group["capturable"]), has_complex=any(p.is_complex() for p in t["params"]),
+                      lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                      weight_decay=group["weight_decay"], momentum=group["momentum"],
+                      centered=bool(group["centered"]))

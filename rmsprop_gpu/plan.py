@@ -12,6 +12,7 @@ read fresh every step and never rebuild anything.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import attrgetter, is_, itemgetter
@@ -20,8 +21,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _arrays as arr
 from . import backends
-from ._contract import SIXTEEN_BIT, Group, Hyper, build_groups, check_float32_range, kernel_reads_steps, scalar
+from ._contract import (
+    SIXTEEN_BIT,
+    TENSOR_LISTS,
+    Group,
+    Hyper,
+    build_groups,
+    byte_span,
+    check_float32_range,
+    check_no_overlap,
+    kernel_reads_steps,
+    scalar,
+)
 
 _data_ptr = torch.Tensor.data_ptr
 
@@ -57,10 +70,12 @@ class Checked:
     hyper: Hyper
     group_index: int = 0
     alone: bool = False
+    offsets: dict = field(default_factory=dict)  # list name -> where this param group's tensors start in the plan's
+    # lists (param groups one after another; a list only holds the tensors of groups that use it)
 
 
 def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper: Hyper,
-                 foreach=None, backend=None, group_index: int = 0, stream_ids=None) -> list[Checked]:
+                 foreach=None, backend=None, group_index: int = 0, stream_ids=None, offsets=None) -> list[Checked]:
     """Check everything and choose a backend per group, writing nothing. Raises on any problem. stream_ids: each
     param's random stream (stochastic rounding, 8-bit codes; default: its position in `params`)."""
     if hyper.bias_correction and not state_steps:
@@ -91,27 +106,53 @@ def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, st
         if isinstance(hyper.lr, torch.Tensor) and hyper.lr.device not in (torch.device("cpu"), g.device):
             raise ValueError(f"Tensor lr is on {hyper.lr.device}; it must be on the CPU or the params' device "
                              f"({g.device})")
-        out.append(Checked(backends.select(backend, g, hyper), g, hyper, group_index, foreach is False))
+        out.append(Checked(backends.select(backend, g, hyper), g, hyper, group_index, foreach is False,
+                           offsets or {}))
     return out
 
 
 @dataclass
 class Entry:
-    """One launch of the plan: the backend, its tensor group, the param groups in its slots, prepared state."""
+    """One launch of a plan: the backend, its group's layout (no tensors: each run binds the tensors of that
+    call), the param groups in its slots, the prepared launch, and where its tensors are in the plan's lists."""
 
     backend: backends.Backend
-    group: Group
+    group: Group  # unbound: device, dtypes, slots, streams; its tensor lists are empty
     group_indices: list[int]  # slot k of the launch takes the hyperparameters of param group group_indices[k]
     prepared: Any
+    rows: dict | None  # Group list name -> positions of its tensors in the plan's list; None: the whole lists
 
-    def run(self, hypers: dict[int, Hyper]) -> None:
-        self.backend.run(self.prepared, self.group, [hypers[i] for i in self.group_indices])
+    def __post_init__(self):
+        self._pickers = None if self.rows is None else {n: _picker(r) for n, r in self.rows.items()}
 
-    def regrad(self, grads: list | None = None, ptrs: list | None = None) -> None:
-        """Take the params' re-allocated grads (same kind): re-point the tables (kept if the addresses repeat).
-        grads / ptrs: the new grads of group.params and their addresses, when the caller has them already."""
-        self.group.grads = list(map(_grad, self.group.params)) if grads is None else grads
-        self.prepared = self.backend.regrad(self.prepared, self.group, ptrs)
+    def bind(self, lists: dict) -> Group:
+        """The launch's group with this call's tensors (lists: Group list name -> the plan's whole list)."""
+        g, pickers = self.group, self._pickers
+        if pickers is None:
+            t = lists
+        else:
+            t = {n: pick(lists[n]) for n, pick in pickers.items()}
+        return Group(g.device, g.param_dtype, g.state_dtype, t["params"], t["grads"], t["square_avgs"],
+                     t.get("momentum_buffers"), t.get("grad_avgs"), t.get("steps"), g.slots, g.index, g.streams,
+                     g.read_steps)
+
+    def run(self, lists: dict, hypers: dict[int, Hyper]) -> None:
+        self.backend.run(self.prepared, self.bind(lists), [hypers[i] for i in self.group_indices])
+
+    def repoint(self, lists: dict, moved: dict) -> None:
+        """Some of the plan's lists moved (moved: name -> the new addresses of the whole list)."""
+        pickers = self._pickers
+        mine = moved if pickers is None else {n: pickers[n](ptrs) for n, ptrs in moved.items() if n in pickers}
+        if mine:
+            self.prepared = self.backend.repoint(self.prepared, self.bind(lists), mine)
+
+
+def _picker(rows: list):
+    if len(rows) == 1:
+        r = rows[0]
+        return lambda xs: [xs[r]]
+    get = itemgetter(*rows)
+    return lambda xs: list(get(xs))
 
 
 def _launch_key(c: Checked):
@@ -125,9 +166,10 @@ def _launch_key(c: Checked):
             h.lr_in_momentum, h.nesterov, h.decoupled_weight_decay, h.bias_correction, h.stochastic_rounding)
 
 
-def prepare(checked: list[Checked], owned: bool = True) -> list[Entry]:
+def prepare(checked: list[Checked], sizes: dict) -> list[Entry]:
     """One entry per launch (checked groups of one layout merged across param groups), with its tables and
-    temporaries. Nothing the caller owns is written."""
+    temporaries. Nothing the caller owns is written, and no entry keeps a tensor. sizes: the length of each of the
+    plan's lists."""
     launches: dict = {}
     for i, c in enumerate(checked):
         key = _launch_key(c)
@@ -136,8 +178,138 @@ def prepare(checked: list[Checked], owned: bool = True) -> list[Entry]:
     for parts in launches.values():
         group = parts[0].group if len(parts) == 1 else Group.merge([c.group for c in parts])
         b = parts[0].backend
-        entries.append(Entry(b, group, [c.group_index for c in parts], b.prepare(group, parts[0].hyper, owned=owned)))
+        names = [n for n in TENSOR_LISTS if getattr(group, n) is not None]
+        rows = {n: [c.offsets.get(n, 0) + i for c in parts for i in c.group.index] for n in names}
+        if all(len(r) == sizes[n] and r == list(range(len(r))) for n, r in rows.items()):
+            rows = None  # the whole lists, in order: nothing to pick
+        entries.append(Entry(b, group.unbound(), [c.group_index for c in parts],
+                             b.prepare(group, parts[0].hyper, owned=True), rows))
     return entries
+
+
+# ---------------------------------------------------------------- confirmation: what the launches were built from
+try:  # torch's C++ tensor guard (dynamo's): dtype, device, sizes, strides, requires_grad, dispatch keys in one pass
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - older or trimmed torch builds: the same facts compared in Python
+    _TensorGuards = None
+
+
+def _layouts(xs) -> list:
+    return [(type(x), tuple(x.shape), tuple(x.strides if arr.is_cupy(x) else x.stride()), arr.dtype_name(x),
+             arr.device_of(x)) for x in xs]
+
+
+def _layout_guard(xs: list):
+    """A function that says whether tensors have the layouts these have now (one C-level pass when it can)."""
+    if _TensorGuards is not None and all(type(x) is torch.Tensor or type(x) is torch.nn.Parameter for x in xs):
+        try:
+            guard = _TensorGuards(*xs, dynamic_dims_sizes=[list(x.shape) for x in xs],
+                                  dynamic_dims_strides=[list(x.stride()) for x in xs])
+            check = guard.check
+            return lambda ys: check(*ys)
+        except Exception:  # noqa: BLE001 - an API change in torch: compare in Python instead
+            pass
+    seen = _layouts(xs)
+    return lambda ys: _layouts(ys) == seen
+
+
+def _ptrs(xs: list) -> list:
+    try:
+        return list(map(_data_ptr, xs))
+    except TypeError:  # CuPy arrays
+        return list(map(arr.ptr, xs))
+
+
+def per_call_views(params) -> bool:
+    """Whether the kernels see views made per call of these params (complex: their real view; DTensor: the local
+    shard), which a plan cannot confirm by address: such plans are rebuilt every call."""
+    return any(isinstance(p, torch.Tensor) and (p.is_complex() or type(p).__name__ == "DTensor") for p in params)
+
+
+SAME, MOVED, CHANGED = "same", "moved", "changed"
+
+
+class Seen:
+    """The address and layout (shape, strides, dtype, device) of every tensor a plan's launches read or write,
+    in the order of TENSOR_LISTS: a call's tensors are confirmed against it in two C-level passes (addresses;
+    torch's tensor guard), so a storage swapped behind the same object (t.data = ..., set_, resize_, t_(),
+    as_strided_) is seen as surely as a new object."""
+
+    def __init__(self, lists: dict):
+        self.names = [n for n in TENSOR_LISTS if lists.get(n) is not None]
+        flat = self.flat(lists)
+        self.ptrs = _ptrs(flat)
+        self.guard = _layout_guard(flat)
+        self.lengths = [len(lists[n]) for n in self.names]
+
+    def flat(self, lists: dict) -> list:
+        out = []
+        for n in self.names:
+            out += lists[n]
+        return out
+
+    def compare(self, lists: dict) -> tuple[str, dict]:
+        """SAME; MOVED with {list name: its new addresses} for the lists that moved (every layout the same);
+        or CHANGED (rebuild with the full checks)."""
+        try:
+            flat = self.flat(lists)
+            if len(flat) != len(self.ptrs):
+                return CHANGED, {}
+            ptrs = _ptrs(flat)
+            if not self.guard(flat):
+                return CHANGED, {}
+        except (AttributeError, RuntimeError, TypeError):  # a None, a number, a sparse tensor: the checks say
+            return CHANGED, {}
+        if ptrs == self.ptrs:
+            return SAME, {}
+        moved, k = {}, 0
+        for n, length in zip(self.names, self.lengths):
+            if ptrs[k:k + length] != self.ptrs[k:k + length]:
+                moved[n] = ptrs[k:k + length]
+            k += length
+        if any(n in moved for n in WRITTEN) and not no_overlap(
+                [x for n in WRITTEN if lists.get(n) is not None for x in lists[n]]):
+            return CHANGED, {}  # written tensors moved onto each other: the full checks say so
+        self.ptrs = ptrs
+        return MOVED, moved
+
+
+WRITTEN = ("params", "square_avgs", "momentum_buffers", "grad_avgs")
+
+
+class Plan:
+    """The launches of one set of tensor lists (one per layout, across param groups), built with every check,
+    and what they were built from. It keeps addresses and layouts, never a tensor: each call hands in its lists
+    (Group list name -> list, in the order the plan was built from), confirmed before anything is written."""
+
+    def __init__(self, checked: list[Checked], lists: dict):
+        self.entries = prepare(checked, {n: len(xs) for n, xs in lists.items() if xs is not None})
+        self.float32 = any(e.group.param_dtype != "float64" for e in self.entries)  # lr, wd must fit float32
+        self.seen = Seen(lists)
+
+    def confirm(self, lists: dict) -> bool:
+        """True when the launches can run on these tensors (after re-pointing the tables at moved ones, e.g. grads
+        re-allocated); False when the plan must be rebuilt with the full checks."""
+        verdict, moved = self.seen.compare(lists)
+        if verdict is SAME:
+            return True
+        if verdict is CHANGED:
+            return False
+        for e in self.entries:
+            e.repoint(lists, moved)
+        return True
+
+    def run(self, lists: dict, hypers: dict[int, Hyper]) -> None:
+        for e in self.entries:
+            e.run(lists, hypers)
+
+
+def no_overlap(tensors: list) -> bool:
+    try:
+        check_no_overlap([(*span, str(i)) for i, t in enumerate(tensors) if (span := byte_span(t))])
+    except ValueError:
+        return False
+    return True
 
 
 def structure(group: dict) -> tuple:
@@ -164,12 +336,18 @@ def _lr_kind(lr):
     return (lr.device, lr.dtype) if isinstance(lr, torch.Tensor) else None
 
 
+_state_getters = {"square_avgs": itemgetter("square_avg"), "momentum_buffers": itemgetter("momentum_buffer"),
+                  "grad_avgs": itemgetter("grad_avg"), "steps": itemgetter("step")}
+
+
 @dataclass
 class StepPlan:
-    """The launches of a step and what they depend on, flattened over param groups so that the per-step check is
-    a few C-level passes (map/all) over the tensors instead of Python per tensor."""
+    """The optimizer's plan: a Plan over the params that have grads (across param groups), and what decides it
+    besides their tensors: the param groups, their structural options, which params have grads, the state dicts.
+    Per step those are confirmed by identity, and every tensor by the Plan, in a few C-level passes (map/all)."""
 
-    entries: list = field(default_factory=list)
+    plan: Plan | None = None
+    reference: list = field(default_factory=list)  # param groups stepped by torch's differentiable step
     cacheable: bool = True  # False for DTensor and complex params (the kernels see views made per call)
     groups: list = field(default_factory=list)  # param group dicts
     params_lists: list = field(default_factory=list)  # their "params" lists, and lengths
@@ -184,17 +362,17 @@ class StepPlan:
     last_hypers: dict | None = None
     active: list = field(default_factory=list)  # params the plan updates (they had a grad)
     idle: list = field(default_factory=list)  # params without a grad
-    grads: list = field(default_factory=list)
-    grad_strides: list = field(default_factory=list)
-    param_ptrs: list = field(default_factory=list)
-    grad_ptrs: list = field(default_factory=list)
-    grads_contiguous: bool = False  # every grad contiguous: a re-allocated one need only be contiguous too
-    entry_rows: list = field(default_factory=list)  # per entry: its params' positions in `active` (or None)
+    state_lists: dict = field(default_factory=dict)  # list name -> (the state dicts holding it, in order)
     state_dicts: list = field(default_factory=list)  # the optimizer's per-param state dicts, in its order
-    state_values: list = field(default_factory=list)  # and every value they hold
 
-    def watch(self, group: dict, active: list, idle: list, grads: list) -> None:
-        """Record what the plan read from one param group (called once per group when the plan is built)."""
+    @property
+    def entries(self) -> list[Entry]:
+        """The launches of a step (the differentiable groups' reference steps aside)."""
+        return [] if self.plan is None else self.plan.entries
+
+    def watch(self, group: dict, active: list, idle: list, dicts: list, names: tuple) -> None:
+        """Record what the plan read from one param group (called once per group when the plan is built): its
+        params with and without grads, their state dicts, and the state lists (names) the group uses."""
         self.groups.append(group)
         self.params_lists.append(group["params"])
         self.lengths.append(len(group["params"]))
@@ -205,70 +383,71 @@ class StepPlan:
         self.lr_kinds.append(_lr_kind(group["lr"]))
         self.active += active
         self.idle += idle
-        self.grads += grads
-        self.grad_strides += map(_stride, grads)
-        self.param_ptrs += map(_data_ptr, active)
-        self.grad_ptrs += map(_data_ptr, grads)
+        for name in names:
+            self.state_lists.setdefault(name, []).extend(dicts)
 
     def seal(self, opt_state: dict) -> None:
-        """Record the optimizer's state once it is committed: a replaced per-param dict or state tensor, an entry
-        added or removed, is then seen by iterating dict values (no tensor hashing per step)."""
+        """Record the optimizer's state dicts once they are committed: a replaced per-param dict, an entry added or
+        removed, is then seen by iterating dict values (no tensor hashing per step)."""
         self.state_dicts = list(opt_state.values())
-        self.state_values = list(chain.from_iterable(map(dict.values, self.state_dicts)))
-        self.grads_contiguous = all(map(_is_contiguous, self.grads))
-        pos = {id(p): i for i, p in enumerate(self.active)}
-        self.entry_rows = []
-        for e in self.entries:
-            params = getattr(getattr(e, "group", None), "params", None)
-            ok = params is not None and all(id(p) in pos for p in params)
-            self.entry_rows.append([pos[id(p)] for p in params] if ok else None)
 
-    def refresh(self, param_groups, opt_state) -> bool:
-        """True when the plan can run as it is (after taking re-allocated grads), False when it must be rebuilt."""
+    def tensors(self) -> dict:
+        """This step's tensor lists, read from the params and the state dicts (KeyError: a state entry is gone)."""
+        lists = {"params": self.active, "grads": list(map(_grad, self.active))}
+        for name, dicts in self.state_lists.items():
+            lists[name] = list(map(_state_getters[name], dicts))
+        return lists
+
+    def refresh(self, param_groups, opt_state) -> dict | None:
+        """This step's tensor lists when the plan can run on them (tables re-pointed at moved tensors, e.g.
+        re-allocated grads), None when it must be rebuilt."""
         if not self.cacheable or len(param_groups) != len(self.groups) or not all(map(is_, param_groups,
                                                                                      self.groups)):
-            return False
+            return None
         plists = list(map(_params_of, param_groups))
         if not all(map(is_, plists, self.params_lists)) or list(map(len, plists)) != self.lengths:
-            return False
+            return None
         raw = list(map(_structure_raw, param_groups))
         if raw != self.raw:  # some option's value changed: structural only if structure() says so
             if list(map(structure, param_groups)) != self.shapes:
-                return False
+                return None
             self.raw = raw
         lrs = list(map(_lr_of, param_groups))
         if list(map(type, lrs)) != self.lr_types or (any(self.lr_kinds) and list(map(_lr_kind, lrs)) != self.lr_kinds):
-            return False
+            return None
         if not all(map(is_, chain.from_iterable(self.params_lists), self.params)):
-            return False
+            return None
         if len(opt_state) != len(self.state_dicts) or not all(map(is_, opt_state.values(), self.state_dicts)):
-            return False
-        values = list(chain.from_iterable(map(dict.values, self.state_dicts)))
-        if len(values) != len(self.state_values) or not all(map(is_, values, self.state_values)):
-            return False
+            return None
         if not all(map(is_, map(_grad, self.idle), repeat(None))):  # a param gained a grad
-            return False
-        if list(map(_data_ptr, self.active)) != self.param_ptrs:  # p.data = ... or storage swapped
-            return False
-        if all(map(is_, map(_grad, self.active), self.grads)):
-            return list(map(_data_ptr, self.grads)) == self.grad_ptrs  # grad.data = ... rebuilds
-        grads = list(map(_grad, self.active))
-        # grads re-allocated (zero_grad(set_to_none=True) + backward): torch's grad setter guarantees shape,
-        # dtype and device; the tables need the same element order in memory (contiguous stays contiguous,
-        # else the same strides). Sparse grads fail here (data_ptr or the layout checks raise or differ).
-        if any(map(is_, grads, repeat(None))):
-            return False
+            return None
         try:
-            if not (all(map(_is_contiguous, grads)) if self.grads_contiguous
-                    else list(map(_stride, grads)) == self.grad_strides):
-                return False
-            ptrs = list(map(_data_ptr, grads))
-        except RuntimeError:  # not strided: the full checks say what is wrong
-            return False
-        self.grads, self.grad_ptrs = grads, ptrs
-        for e, rows in zip(self.entries, self.entry_rows):
-            if rows is None:
-                e.regrad()
-            else:
-                e.regrad([grads[i] for i in rows], [ptrs[i] for i in rows])
-        return True
+            lists = self.tensors()
+        except KeyError:
+            return None
+        if self.plan is not None and not self.plan.confirm(lists):
+            return None
+        return lists
+
+
+class LRU:
+    """A bounded map, least recently used first out (plans by structure: they hold no tensors)."""
+
+    def __init__(self, max_entries: int):
+        self._max = max_entries
+        self._entries: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+        return hit
+
+    def put(self, key, value) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -211,36 +211,41 @@ def dense_strides(p: torch.Tensor):
     return torch.empty(p.shape, device="meta").stride()
 
 
+# the table's address columns and the Group list each one comes from
+COLUMNS = ((0, "params"), (1, "grads"), (2, "square_avgs"), (3, "momentum_buffers"), (4, "grad_avgs"), (5, "steps"))
+
+
 @dataclass
 class Launch:
-    """One prepared launch: its tables (owned by whoever holds the Launch), and the temporaries of tensors whose
-    layout differs from their param's. Temporaries are allocated once, so table pointers stay valid; each run
-    copies inputs in before the kernel and outputs back after it."""
+    """One prepared launch: its tables and the temporaries of tensors whose layout differs from their param's.
+    It keeps addresses, never the caller's tensors: each run is given the group's tensors of that call (bound by
+    the plan, which confirmed that they are what the tables were built from), so nothing a user frees (a grad
+    after zero_grad(set_to_none=True)) is kept alive. Temporaries are owned here, so table pointers stay valid;
+    each run copies inputs into them before the kernel and outputs back after it."""
 
     tensors: Any
     blocks: Any
     n_blocks: int
-    copy_in: list = field(default_factory=list)  # (temporary, original)
-    copy_out: list = field(default_factory=list)  # (original, temporary)
-    host_steps: list = field(default_factory=list)  # step counters the kernel cannot reach (e.g. on the CPU)
-    written: list = field(default_factory=list)  # tensors whose autograd version the step bumps
-    rows: tuple = ()  # the addresses the tables hold: a re-prepare with the same rows reuses them
+    copy_in: list = field(default_factory=list)  # (temporary, Group list name, index): filled before the kernel
+    copy_out: list = field(default_factory=list)  # (Group list name, index, temporary): copied back after it
+    host_steps: list = field(default_factory=list)  # indexes of step counters the kernel does not advance
+    rows: tuple = ()  # the table's rows as built: a re-prepare with the same rows reuses the tables
     hyper: HyperTable | None = None  # per-slot hyperparameters the kernel reads
-    host_tensors: Any = None  # the tensor table as uploaded (host copy), for re-pointing grads
-    grad_copy: dict = field(default_factory=dict)  # tensor index -> its grad's entry in copy_in (a temporary)
-    grad_ptrs: list = field(default_factory=list)  # the grad column of the table
-    last: tuple = (None, None)  # (hypers, launch_args result): reused while the same Hyper objects come back
+    host_tensors: Any = None  # the tensor table as uploaded (host copy), for re-pointing moved tensors
+    direct: dict = field(default_factory=dict)  # column -> indexes whose cell holds the tensor's own address
+    last: tuple = (None, None, None)  # (hypers, launch_args' result, device lrs seen): reused while they repeat
 
-    def before(self) -> None:
-        for tmp, orig in self.copy_in:
-            tmp.copy_(orig)
+    def before(self, group: Group) -> None:
+        for tmp, name, i in self.copy_in:
+            tmp.copy_(getattr(group, name)[i])
 
-    def after(self, found_inf) -> None:
-        for orig, tmp in self.copy_out:
-            orig.copy_(tmp)
-        advance_steps(self.host_steps, found_inf)
-        if self.written:
-            torch._C._increment_version(self.written)  # autograd sees the in-place update (raw-pointer writes)
+    def after(self, group: Group, found_inf) -> None:
+        for name, i, tmp in self.copy_out:
+            getattr(group, name)[i].copy_(tmp)
+        if self.host_steps:
+            advance_steps([group.steps[i] for i in self.host_steps], found_inf)
+        if isinstance(group.params[0], torch.Tensor):  # autograd sees the in-place update (raw-pointer writes)
+            torch._C._increment_version(group.written())
 
 
 def _device_scalar(t, device):
@@ -254,8 +259,9 @@ def _device_scalar(t, device):
 def launch_args(launch: Launch, group: Group, hypers: list[Hyper]) -> tuple[int, Any, Any]:
     """Per-step: the hyper table brought up to date (uploaded only on change), then the launch's flags and its
     grad_scale / found_inf device scalars. No host read of a device value."""
-    last_hypers, last_args = launch.last
-    if last_hypers is not None and len(last_hypers) == len(hypers) and all(map(is_, hypers, last_hypers)):
+    last_hypers, last_args, lr_seen = launch.last
+    if last_hypers is not None and len(last_hypers) == len(hypers) and all(map(is_, hypers, last_hypers)) and (
+            lr_seen is None or lr_seen == list(map(_lr_seen, hypers))):  # a device lr is read at its address
         return last_args
     lr_on_device = isinstance(hypers[0].lr, torch.Tensor) and hypers[0].lr.device == group.device
     values, keep = [], []
@@ -275,53 +281,54 @@ def launch_args(launch: Launch, group: Group, hypers: list[Hyper]) -> tuple[int,
     # tensor read on the host or converted for the kernel
     stable = all(not isinstance(x.lr, torch.Tensor) for x in hypers) or (
         lr_on_device and all(t is x.lr for t, x in zip(keep, hypers)))
-    launch.last = (list(hypers), args) if stable and h.grad_scale is None and h.found_inf is None else (None, None)
+    launch.last = ((list(hypers), args, list(map(_lr_seen, hypers)) if lr_on_device else None)
+                   if stable and h.grad_scale is None and h.found_inf is None else (None, None, None))
     return args
+
+
+def _lr_seen(h: Hyper) -> tuple:
+    """What the hyper table took from a device lr: its address and dtype (lr.data = ... keeps the object)."""
+    return h.lr.data_ptr(), h.lr.dtype
 
 
 def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launch:
     """Tables and temporaries of one group. Writes nothing the caller owns."""
-    copy_in, copy_out, written = [], [], []
+    copy_in, copy_out = [], []
     torch_tensors = isinstance(group.params[0], torch.Tensor)
+    direct = {col: [] for col, _ in COLUMNS}
 
-    def slot(x, shape, strides, output: bool):
+    def slot(x, name, i, shape, strides, output: bool):
         if not torch_tensors or same_layout(x, shape, strides):
+            direct[COLUMN_OF[name]].append(i)
             return x
         tmp = torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device)
-        copy_in.append((tmp, x))
+        copy_in.append((tmp, name, i))
         if output:
-            copy_out.append((x, tmp))
+            copy_out.append((name, i, tmp))
         return tmp
 
-    n = len(group)
-    host_steps, rows, grad_copy = [], [], {}
-    for i in range(n):
+    host_steps, rows = [], []
+    for i in range(len(group)):
         p = group.params[i]
-        if torch_tensors:
-            strides = dense_strides(p)
-            written.append(p)
-        else:
-            strides = None
-        k = len(copy_in)
-        row = [slot(p, p.shape, strides, True), slot(group.grads[i], p.shape, strides, False)]
-        if len(copy_in) > k + (row[0] is not p):
-            grad_copy[i] = len(copy_in) - 1
-        for states in (group.square_avgs, group.momentum_buffers, group.grad_avgs):
+        strides = dense_strides(p) if torch_tensors else None
+        row = [slot(p, "params", i, p.shape, strides, True), slot(group.grads[i], "grads", i, p.shape, strides, False)]
+        for name in ("square_avgs", "momentum_buffers", "grad_avgs"):
+            states = getattr(group, name)
             if states is None:
                 row.append(None)
+            elif arr.dtype_name(states[i]) == "uint8":  # 8-bit: flat, already in the kernel's order
+                direct[COLUMN_OF[name]].append(i)
+                row.append(states[i])
             else:
-                s = states[i]
-                quantized = arr.dtype_name(s) == "uint8"  # flat, already in the kernel's order: no temporary
-                row.append(s if quantized else slot(s, p.shape, strides, True))
-                if torch_tensors:
-                    written.append(s)
+                row.append(slot(states[i], name, i, p.shape, strides, True))
         step_ptr = 0
         if group.steps is not None:
             s = group.steps[i]
             if s.device == group.device and s.dtype == torch.float32 and s.is_contiguous():
                 step_ptr = s.data_ptr()
+                direct[5].append(i)
             if group.read_steps or not step_ptr:  # bias correction, SR: the kernel reads it, the host advances it
-                host_steps.append(s)
+                host_steps.append(i)
         slot_id = group.slots[i] if group.slots is not None else 0
         stream = group.streams[i] if group.streams else i
         rows.append((*(arr.ptr(x) if x is not None else 0 for x in row), step_ptr, arr.numel(p),
@@ -332,24 +339,25 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
                                                   previous.hyper, previous.host_tensors)
     else:
         tensors, blocks, n_blocks, hyper, host = cache.get(group, list(rows))
-    return Launch(tensors, blocks, n_blocks, copy_in, copy_out, host_steps, written, rows, hyper, host, grad_copy,
-                  [r[1] for r in rows])
+    return Launch(tensors, blocks, n_blocks, copy_in, copy_out, host_steps, rows, hyper, host,
+                  {col: np.asarray(ix, dtype=np.int64) for col, ix in direct.items() if ix})
 
 
-def regrad_launch(launch: Launch, group: Group, cache: TableCache, ptrs: list | None = None) -> Launch:
-    """group.grads re-allocated with the same shapes, dtypes and strides: re-point the grad column of the table
-    (one upload when the addresses moved; none when a caching allocator handed the same blocks back) and the
-    copies of grads that go through a temporary."""
-    if launch.grad_copy:
-        for i, k in launch.grad_copy.items():
-            launch.copy_in[k] = (launch.copy_in[k][0], group.grads[i])
-        ptrs = [p if i in launch.grad_copy else g.data_ptr()
-                for i, (p, g) in enumerate(zip(launch.grad_ptrs, group.grads))]
-    elif ptrs is None:
-        ptrs = list(map(torch.Tensor.data_ptr if isinstance(group.grads[0], torch.Tensor) else arr.ptr, group.grads))
-    if ptrs != launch.grad_ptrs:
-        host = launch.host_tensors.copy()
-        host[: len(ptrs), 1] = np.asarray(ptrs, dtype=np.uint64).view(np.int64)
+COLUMN_OF = {name: col for col, name in COLUMNS}
+
+
+def repoint_launch(launch: Launch, group: Group, cache: TableCache, moved: dict) -> Launch:
+    """The group's tensors moved (same shapes, dtypes, strides; new addresses, e.g. grads re-allocated after
+    zero_grad(set_to_none=True)): write their new addresses into the table and upload it once. moved: Group list
+    name -> the new addresses of that whole list (the plan read them while confirming), for the lists that
+    moved. Tensors that go through a temporary keep the temporary's address."""
+    host = launch.host_tensors.copy()
+    for name, ptrs in moved.items():
+        col = COLUMN_OF[name]
+        ix = launch.direct.get(col)
+        if ix is not None:
+            host[ix, col] = np.asarray(ptrs, dtype=np.uint64).view(np.int64)[ix]
+    if not np.array_equal(host, launch.host_tensors):
         launch.tensors = cache.upload_tensors(host, group)
-        launch.host_tensors, launch.grad_ptrs, launch.rows = host, ptrs, None
+        launch.host_tensors, launch.rows = host, None
     return launch

@@ -29,13 +29,14 @@ class Backend:
 
     def prepare(self, group: Group, hyper: Hyper, owned: bool = False, previous=None):
         """Everything a launch needs that does not change from step to step (tables, temporaries), and every
-        check this backend adds. Writes nothing the caller owns. owned=True: the caller keeps what this returns
-        alive (a step plan), so nothing is cached here."""
-        return group
+        check this backend adds. Writes nothing the caller owns and keeps none of the group's tensors (each run
+        is given them). owned=True: the caller keeps what this returns alive (a step plan), so nothing is cached
+        here."""
+        return None
 
-    def regrad(self, prepared, group: Group, ptrs: list | None = None):
-        """The prepared launch for group.grads re-allocated with the same shapes, dtypes and strides (ptrs:
-        their addresses, when the caller has them)."""
+    def repoint(self, prepared, group: Group, moved: dict):
+        """The prepared launch for the group's tensors after some moved: same shapes, dtypes and strides, new
+        addresses. moved: Group list name ("grads", "square_avgs", ...) -> the new addresses of that list."""
         return self.prepare(group, None, owned=True, previous=prepared)
 
     def run(self, prepared, group: Group, hypers: list[Hyper]) -> None:

@@ -28,7 +28,7 @@ from ._tables import (
     kernel_unsupported_reason,
     launch_args,
     prepare_launch,
-    regrad_launch,
+    repoint_launch,
     upload_torch,
 )
 from .base import Backend
@@ -241,8 +241,8 @@ class CupyBackend(Backend):
     def prepare(self, group: Group, hyper: Hyper, owned: bool = False, previous=None):
         return prepare_launch(group, self.tables.owned() if owned else self.tables, previous)
 
-    def regrad(self, launch, group: Group, ptrs: list | None = None):
-        return regrad_launch(launch, group, self.tables, ptrs)
+    def repoint(self, launch, group: Group, moved: dict):
+        return repoint_launch(launch, group, self.tables, moved)
 
     def run(self, launch, group: Group, hypers: list[Hyper]) -> None:
         flags, grad_scale, found_inf = launch_args(launch, group, hypers)
@@ -250,13 +250,13 @@ class CupyBackend(Backend):
                           group.grad_avgs is not None, flags)
         args = (_ptr(launch.tensors), _ptr(launch.blocks), _ptr(launch.hyper.buffer), _ptr(grad_scale),
                 _ptr(found_inf), np.int32(flags))
-        launch.before()
+        launch.before(group)
         if not self.launch_stubbed:
             with self._device(group):  # CuPy loads modules and launches on its current device: the group's
                 fn = self.kernel(group.device, spec)
                 fn((launch.n_blocks,), (THREADS,), args, stream=self._stream(group))
         self.launches += 1
-        launch.after(hypers[0].found_inf)
+        launch.after(group, hypers[0].found_inf)
 
     @staticmethod
     def _device(group: Group):

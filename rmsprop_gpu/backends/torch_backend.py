@@ -122,9 +122,6 @@ class TorchBackend(Backend):
             return "the torch backend takes torch tensors, not CuPy arrays"
         return None
 
-    def prepare(self, group: Group, hyper: Hyper, owned: bool = False, previous=None):
-        return cache_batches(group)
-
     def run(self, prepared, group: Group, hypers: list[Hyper]) -> None:
         found_inf = hypers[0].found_inf
         if found_inf is not None and bool(found_inf.item() != 0):  # reference path: a host read is fine here
@@ -133,7 +130,7 @@ class TorchBackend(Backend):
             for g, h in group.by_slot(hypers):
                 self._run_quantized(g, h)
         elif len(hypers) == 1 and not group.read_steps:
-            for batch in prepared:
+            for batch in cache_batches(group):  # views of this call's tensors: none kept after the step
                 self._math(batch, hypers[0])
         else:  # one hyper per slot; bias correction and SR read each tensor's step, so whole tensors
             for g, h in group.by_slot(hypers):

@@ -32,7 +32,7 @@ from ._tables import (
     kernel_unsupported_reason,
     launch_args,
     prepare_launch,
-    regrad_launch,
+    repoint_launch,
     upload_torch,
 )
 from .base import Backend
@@ -117,15 +117,15 @@ class TritonBackend(Backend):
     def prepare(self, group: Group, hyper: Hyper, owned: bool = False, previous=None):
         return prepare_launch(group, self.tables.owned() if owned else self.tables, previous)
 
-    def regrad(self, launch, group: Group, ptrs: list | None = None):
-        return regrad_launch(launch, group, self.tables, ptrs)
+    def repoint(self, launch, group: Group, moved: dict):
+        return repoint_launch(launch, group, self.tables, moved)
 
     def run(self, launch, group: Group, hypers: list[Hyper]) -> None:
         flags, grad_scale, found_inf = launch_args(launch, group, hypers)
         cx = constexprs(group.param_dtype, group.state_dtype, flags,
                         group.momentum_buffers is not None, group.grad_avgs is not None)
         dummy = launch.tensors  # any valid pointer for arguments a variant never reads
-        launch.before()
+        launch.before(group)
         if not self.launch_stubbed:
             key = (group.param_dtype, group.state_dtype, flags, cx["MOMENTUM"], cx["CENTERED"])
             t0 = time.perf_counter() if key not in self.first_launch_seconds else None
@@ -139,4 +139,4 @@ class TritonBackend(Backend):
             if t0 is not None:
                 self.first_launch_seconds[key] = time.perf_counter() - t0
         self.launches += 1
-        launch.after(hypers[0].found_inf)
+        launch.after(group, hypers[0].found_inf)
