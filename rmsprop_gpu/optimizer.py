@@ -470,7 +470,9 @@ def float_state_dict(optimizer: RMSprop) -> dict:
     centered = {pid: s["centered"] for s in sd["param_groups"] for pid in s["params"]}
     for pid, st in sd["state"].items():
         state[pid] = quantize.float_state(st, params[pid], centered[pid])
-    return {"state": state, "param_groups": [{**s, "state_bits": 32} for s in sd["param_groups"]]}
+    # no state_bits: whoever loads it keeps its own (an 8-bit optimizer encodes the float state again)
+    return {"state": state, "param_groups": [{k: v for k, v in s.items() if k != "state_bits"}
+                                             for s in sd["param_groups"]]}
 
 
 def _reference_step(opt: RMSprop, group) -> None:

@@ -220,7 +220,7 @@ def test_resume_from_a_checkpoint_is_bit_identical(backend):
 
 def test_torch_fp32_state_both_ways():
     """float_state_dict -> torch.optim.RMSprop (decoded state, param shape); a torch checkpoint -> our 8-bit
-    optimizer (encoded on load, state_bits kept); float_state_dict into ours (its state_bits=32: decoded); the
+    optimizer (encoded on load, state_bits kept); float_state_dict into ours (each keeps its state_bits); the
     bytes survive the trip (centered: v = variance + grad_avg^2 in float32 rounds the variance where it is tiny,
     so a few of square_avg's codes may move by one)."""
     gen = torch.Generator().manual_seed(9)
@@ -259,7 +259,11 @@ def test_torch_fp32_state_both_ways():
     wide = rmsprop_gpu.RMSprop([w], lr=1e-3, momentum=0.9, centered=True, state_bits=8)
     wide.load_state_dict(ours.state_dict())  # a checkpoint restores its options (state_bits=8): bytes kept
     assert wide.state[w]["square_avg"].dtype == torch.uint8
-    wide.load_state_dict(rmsprop_gpu.float_state_dict(ours))  # the 32-bit equivalent: decoded on load
+    wide.load_state_dict(rmsprop_gpu.float_state_dict(ours))  # float state: the optimizer keeps its 8 bits
+    assert wide.param_groups[0]["state_bits"] == 8
+    same_bytes(wide.state[w])
+    wide = rmsprop_gpu.RMSprop([w], lr=1e-3, momentum=0.9, centered=True)
+    wide.load_state_dict(rmsprop_gpu.float_state_dict(ours))  # into a 32-bit optimizer: float state as saved
     assert wide.param_groups[0]["state_bits"] == 32
     for key in quantize.SIGNED:
         assert wide.state[w][key].dtype == torch.float32 and wide.state[w][key].shape == w.shape
