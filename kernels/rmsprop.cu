@@ -143,8 +143,10 @@ __device__ __forceinline__ u32 mix32(u32 x) {  // "lowbias32" integer hash
   x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
   return x;
 }
-__device__ __forceinline__ u32 stream_key(u32 seed, u32 step, u32 stream) {
-  return mix32(seed ^ mix32(step + 0x9E3779B9u * (stream + 1u)));
+__device__ __forceinline__ u32 stream_key(u32 seed, long long step, u32 stream) {
+  const u32 key = mix32(seed ^ mix32((u32)step + 0x9E3779B9u * (stream + 1u)));
+  const u32 hi = (u32)(step >> 32);  // past 2**32 steps (float64 counters): other streams, never a repeat
+  return hi ? mix32(key ^ hi) : key;
 }
 __device__ __forceinline__ u32 pair_bits(u32 key, i64 index, u32 pair) { return mix32(key ^ ((u32)index * 2u + pair)); }
 
@@ -395,17 +397,21 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   S* a = CENTERED ? (S*)row[4] : nullptr;
   float* step = (float*)row[5];
   const i64 numel = row[6];
-  const i64* slot = hyper + (row[7] & 0xFFFFFFFFll) * 8;  // low 32 bits: the slot; high 32: the stream id
+  // bits 0-30: the slot; bit 31: the step counter is float64 (it counts exactly past 2**24); high 32: the stream id
+  const i64* slot = hyper + (row[7] & 0x7FFFFFFFll) * 8;
   const float* hv = (const float*)slot;  // float32 columns 2..8 of the slot
   Hyper h = {(f & LR_ON_DEVICE) ? *(const float*)slot[0] : hv[2], hv[3], hv[4], hv[5], hv[6], hv[7], hv[8],
              (f & GRAD_SCALE) ? *grad_scale_ptr : 1.0f, 1.0f, f};
   const bool sr = f & STOCHASTIC_ROUNDING;
   // the random stream of this tensor at this step: 16-bit stores with sr, 8-bit codes always (the host advances
   // the counter after the launch)
-  const u32 key = (sr || is_q8<S>::value) ? stream_key(((const u32*)slot)[9], (u32)(int)*step, (u32)(row[7] >> 32))
-                                         : 0u;
+  const bool reads_step = sr || is_q8<S>::value || (f & BIAS_CORRECTION);
+  const long long count = !reads_step ? 0 : ((row[7] >> 31) & 1) ? (long long)*(const double*)step
+                                                                 : (long long)*step;
+  const u32 key = (sr || is_q8<S>::value) ? stream_key(((const u32*)slot)[9], count, (u32)(row[7] >> 32)) : 0u;
   if (f & BIAS_CORRECTION) {  // 1 / (1 - alpha^t), t = this step's count (the host advances it after)
-    int e = (int)(*step + 1.0f);
+    // past 2**30, alpha^t < 2**-90 for every float32 alpha < 1: 1 - alpha^t rounds to 1 as for the true t
+    int e = (int)(count < (1ll << 30) ? count + 1 : (1ll << 30));
     float base = h.alpha, acc = 1.0f;
     for (; e > 0; e >>= 1, base *= base)  // alpha^t by squaring: log2(t) multiplications
       if (e & 1) acc *= base;

@@ -42,7 +42,12 @@ def _mix32(x):
 
 @triton.jit
 def _stream_key(seed, step, stream):
-    return _mix32(seed ^ _mix32(step + 0x9E3779B9 * (stream + 1)))
+    """step: int64. Past 2**32 steps (float64 counters) its high half gives other streams, never a repeat."""
+    key = _mix32(seed ^ _mix32(step.to(tl.uint32) + 0x9E3779B9 * (stream + 1)))
+    hi = (step >> 32).to(tl.uint32)
+    if hi != 0:
+        key = _mix32(key ^ hi)
+    return key
 
 
 @triton.jit
@@ -389,8 +394,10 @@ def _rmsprop_kernel(
         a_addr = tl.load(row + 4)
         step_addr = tl.load(row + 5)
         numel = tl.load(row + 6)
-        slot_stream = tl.load(row + 7)  # low 32 bits: the slot; high 32: the tensor's random stream id
-        slot = slot_stream & 0xFFFFFFFF
+        # bits 0-30: the slot; bit 31: the step counter is float64 (it counts exactly past 2**24); high 32: the
+        # tensor's random stream id
+        slot_stream = tl.load(row + 7)
+        slot = slot_stream & 0x7FFFFFFF
         h = hyper_vals + slot * 16  # float32 columns of this tensor's slot
         if LR_ON_DEVICE:
             lr = tl.load(tl.load(hyper_ptrs + slot * 8).to(tl.pointer_type(tl.float32)))
@@ -407,14 +414,20 @@ def _rmsprop_kernel(
         if GRAD_SCALE:
             grad_scale = tl.load(grad_scale_ptr)
         key = tl.full((), 0, tl.uint32)
+        count = tl.full((), 0, tl.int64)
+        if STOCHASTIC_ROUNDING or BIAS_CORRECTION or (tl.uint8 == S_DTYPE):  # this step's count (the host
+            # advances the counter after the launch)
+            if ((slot_stream >> 31) & 1) == 1:
+                count = tl.load(step_addr.to(tl.pointer_type(tl.float64))).to(tl.int64)
+            else:
+                count = tl.load(step_addr.to(tl.pointer_type(tl.float32))).to(tl.int64)
         if STOCHASTIC_ROUNDING or (tl.uint8 == S_DTYPE):  # the random stream of this tensor at this step (16-bit
-            # stores with SR, 8-bit codes always; the host advances the counter)
-            t_now = tl.load(step_addr.to(tl.pointer_type(tl.float32))).to(tl.int32).to(tl.uint32)
-            key = _stream_key(tl.load(h + 9).to(tl.uint32, bitcast=True), t_now, (slot_stream >> 32).to(tl.uint32))
+            # stores with SR, 8-bit codes always)
+            key = _stream_key(tl.load(h + 9).to(tl.uint32, bitcast=True), count, (slot_stream >> 32).to(tl.uint32))
         inv_bc = 1.0
-        if BIAS_CORRECTION:  # 1 / (1 - alpha^t), t = this step's count (the host advances the counter after)
-            t = tl.load(step_addr.to(tl.pointer_type(tl.float32))) + 1.0
-            e = t.to(tl.int32)
+        if BIAS_CORRECTION:  # 1 / (1 - alpha^t), t = this step's count
+            # past 2**30, alpha^t < 2**-90 for every float32 alpha < 1: 1 - alpha^t rounds to 1 as for the true t
+            e = tl.minimum(count + 1, 1 << 30).to(tl.int32)
             base = alpha * 1.0
             acc = alpha * 0.0 + 1.0
             while e > 0:  # alpha^t by squaring: log2(t) multiplications

@@ -60,7 +60,7 @@ class Group:
     square_avgs: list = field(default_factory=list)
     momentum_buffers: list | None = None
     grad_avgs: list | None = None
-    steps: list | None = None  # step counters (float32 scalars) or None when the caller keeps none
+    steps: list | None = None  # step counters (float scalars) or None when the caller keeps none
     slots: list | None = None  # per tensor: which Hyper of the launch applies (None: all use the first)
     index: list = field(default_factory=list)  # per tensor: its position in the caller's lists
     # per tensor: its random stream's id (stochastic rounding, 8-bit codes): stable across launches and layouts,
@@ -157,8 +157,9 @@ def validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, read_ten
 
 
 def kernel_reads_steps(bias_correction: bool, stochastic_rounding: bool, eight_bit: bool) -> bool:
-    """Whether the kernels read a param's step counter (float32, on the param's device; the host advances it
-    after the launch): bias correction, the stochastic rounding stream, 8-bit state's stochastic codes."""
+    """Whether the kernels read a param's step counter (float64, on the param's device; the host advances it
+    after the launch): bias correction, the stochastic rounding stream, 8-bit state's stochastic codes. float64
+    counts every step exactly (float32 stops at 2**24, and the random streams would repeat from there)."""
     return bool(bias_correction or stochastic_rounding or eight_bit)
 
 

@@ -27,10 +27,12 @@ def rmsprop(
     """One RMSprop step, in place, in torch.optim.rmsprop.rmsprop's argument order (and its keywords).
 
     params, grads, square_avgs (and momentum_buffer_list when momentum > 0, grad_avgs when centered) are
-    lists of torch tensors or of CuPy arrays. state_steps, optional, are float32 scalar tensors advanced by
-    one per step (not when found_inf is set). eps_in_sqrt=True divides by sqrt(v + eps) (TF/Keras/optax)
-    instead of sqrt(v) + eps (torch). grad_scale / found_inf: device scalars from GradScaler: grads are
-    divided by grad_scale, and a nonzero found_inf skips the step without writing anything.
+    lists of torch tensors or of CuPy arrays. state_steps, optional, are floating-point scalar tensors advanced
+    by one per step (not when found_inf is set); where the kernels read them (bias_correction, stochastic
+    rounding, 8-bit state) use float64: float32 stops counting at 2**24 steps. eps_in_sqrt=True divides by
+    sqrt(v + eps) (TF/Keras/optax) instead of sqrt(v) + eps (torch). grad_scale / found_inf: device scalars
+    from GradScaler: grads are divided by grad_scale, and a nonzero found_inf skips the step without writing
+    anything.
     differentiable=True runs torch's own differentiable step (autograd records it); has_complex is accepted
     for torch's signature (complex params are detected either way).
     backend: "auto" (default, or $RMSPROP_GPU_BACKEND), "triton", "cupy" or "torch".

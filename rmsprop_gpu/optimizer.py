@@ -134,13 +134,14 @@ class RMSprop(Optimizer):
 
     @classmethod
     def _step_dtype(cls, p: torch.Tensor, group) -> torch.dtype:
-        """torch's: float64 under torch.set_default_dtype(torch.float64), else float32. float32 where the kernels
-        read the counter (bias correction, stochastic rounding, 8-bit state); elsewhere a float64 counter is
-        advanced on the host, as a CPU one is."""
-        if torch.get_default_dtype() != torch.float64 or kernel_reads_steps(
+        """torch's: float64 under torch.set_default_dtype(torch.float64), else float32 (the kernel advances a
+        float32 counter itself; the host a float64 one). float64 where the kernels read the counter (bias
+        correction, stochastic rounding, 8-bit state): their random streams are keyed by it, and float32 stops
+        counting at 2**24."""
+        if torch.get_default_dtype() == torch.float64 or kernel_reads_steps(
                 group["bias_correction"], group["stochastic_rounding"], cls._quantized(p, group)):
-            return torch.float32
-        return torch.float64
+            return torch.float64
+        return torch.float32
 
     @staticmethod
     def _quantized(p: torch.Tensor, group) -> bool:

@@ -380,13 +380,15 @@ def test_compiled_step_with_8_bit_state_equals_eager(backend):
     ours, ref = rmsprop_gpu.RMSprop(a, **kw), rmsprop_gpu.RMSprop(b, **kw)
     counter = CompileCounterWithBackend("aot_eager")
     step = torch.compile(ours.step, fullgraph=True, backend=counter)
-    for _ in range(3):
+    for i in range(4):
         for p, q in zip(a, b):
             p.grad = torch.randn(p.shape, generator=gen)
             q.grad = p.grad.clone()
         step()
         ref.step()
-    assert counter.frame_count <= 2
+        if i == 1:  # the first step creates state, the second compiles the steady graph
+            frames = counter.frame_count
+    assert counter.frame_count == frames  # no recompile per step
     assert ours.state[a[0]]["square_avg"].dtype == torch.uint8
     for p, q in zip(a, b):
         assert torch.equal(p, q)

@@ -2,8 +2,9 @@
 
 tensor table: int64 [T, ROW]: addresses of param, grad, square_avg, momentum_buffer, grad_avg, step
               (0 where absent or where the step counter lives on the host), numel, and the tensor's slot:
-              its row in the hyperparameter table (one slot per param group sharing the launch), in the low 32
-              bits, with its random stream's id (stochastic rounding, 8-bit codes) in the high 32. 8-bit state
+              its row in the hyperparameter table (one slot per param group sharing the launch), in bits 0-30,
+              bit 31 set when its step counter is float64, and its random stream's id (stochastic rounding, 8-bit
+              codes) in the high 32. 8-bit state
               (uint8: rmsprop_gpu/quantize.py) is one address too: codes, then the blocks' scale bytes.
 block list:   int64 [B]: (tensor index << 32) | chunk index; a kernel program / CUDA block updates
               elements [chunk * BLOCK, min((chunk + 1) * BLOCK, numel)) of that tensor. Every tensor owns
@@ -39,6 +40,9 @@ ROW = 8  # int64 fields per tensor: p, g, v, buf, grad_avg, step, numel, slot
 HYPER_ROW = 8  # int64 fields per slot (16 float32)
 H_LR, H_ALPHA, H_ONE_MINUS_ALPHA, H_EPS, H_WEIGHT_DECAY, H_MOMENTUM, H_SIGN = range(2, 9)  # float32 columns
 H_SEED = 9  # uint32 column
+# the tensor table's last column: bits 0-30 the slot, bit 31 set when the step counter is float64, high 32 the stream
+SLOT_MASK = 0x7FFFFFFF
+STEP_F64_BIT = 31
 
 # flag bits: compile-time switches of both kernels (Triton constexprs, CUDA C template parameter)
 (MAXIMIZE, WEIGHT_DECAY, EPS_IN_SQRT, LR_ON_DEVICE, GRAD_SCALE, FOUND_INF, LR_IN_MOMENTUM, NESTEROV,
@@ -65,9 +69,10 @@ def variant_flags(hypers: list[Hyper], lr_on_device: bool) -> int:
 
 
 def kernel_unsupported_reason(group: Group, hyper: Hyper | None = None) -> str | None:
-    if group.read_steps and any(s.device != group.device or s.dtype != torch.float32 for s in group.steps or ()):
-        return ("bias_correction / stochastic_rounding / 8-bit state need float32 step counters on the params' "
-                "device (the kernel reads them)")
+    if group.read_steps and any(s.device != group.device or s.dtype not in (torch.float32, torch.float64)
+                                for s in group.steps or ()):
+        return ("bias_correction / stochastic_rounding / 8-bit state need float64 (or float32) step counters on "
+                "the params' device (the kernel reads them)")
     if group.param_dtype not in KERNEL_DTYPES:
         return f"params of dtype {group.param_dtype} (kernels take {', '.join(KERNEL_DTYPES)})"
     return None
@@ -109,7 +114,7 @@ class TableCache:
             self._entries.move_to_end(key)
             return hit
         tensors, blocks = build_tables(rows)
-        n_slots = 1 + max((r[7] & 0xFFFFFFFF for r in rows), default=0) if rows and len(rows[0]) > 7 else 1
+        n_slots = 1 + max((r[7] & SLOT_MASK for r in rows), default=0) if rows and len(rows[0]) > 7 else 1
         device_tensors = self.upload_tensors(tensors, group)
         hyper = HyperTable(self._upload(np.zeros((n_slots, HYPER_ROW), dtype=np.int64), group), self._upload,
                            self._stats or self)
@@ -321,18 +326,22 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
                 row.append(states[i])
             else:
                 row.append(slot(states[i], name, i, p.shape, strides, True))
-        step_ptr = 0
+        step_ptr, step64 = 0, 0
         if group.steps is not None:
             s = group.steps[i]
-            if s.device == group.device and s.dtype == torch.float32 and s.is_contiguous():
+            step64 = int(s.dtype == torch.float64)
+            # the kernel writes float32 counters; it only reads those it needs (bias correction, SR, 8-bit state:
+            # float32 or float64), and then the host advances them
+            if s.device == group.device and s.is_contiguous() and (s.dtype == torch.float32 or
+                                                                   (step64 and group.read_steps)):
                 step_ptr = s.data_ptr()
                 direct[5].append(i)
-            if group.read_steps or not step_ptr:  # bias correction, SR: the kernel reads it, the host advances it
+            if group.read_steps or not step_ptr:
                 host_steps.append(i)
         slot_id = group.slots[i] if group.slots is not None else 0
         stream = group.streams[i] if group.streams else i
         rows.append((*(arr.ptr(x) if x is not None else 0 for x in row), step_ptr, arr.numel(p),
-                     slot_id | (stream & 0xFFFFFFFF) << 32))
+                     slot_id | step64 << STEP_F64_BIT | (stream & 0xFFFFFFFF) << 32))
     rows = tuple(rows)
     if previous is not None and previous.rows == rows:  # e.g. grads re-allocated at the same addresses
         tensors, blocks, n_blocks, hyper, host = (previous.tensors, previous.blocks, previous.n_blocks,

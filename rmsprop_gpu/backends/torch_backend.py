@@ -34,8 +34,10 @@ def mix32(x):
 
 
 def stream_key(seed: int, step: int, stream: int) -> int:
-    """The random stream of one tensor (its stream id) at one step (kernels: stream_key)."""
-    return mix32(seed ^ mix32((step + 0x9E3779B9 * (stream + 1)) & M32))
+    """The random stream of one tensor (its stream id) at one step (kernels: stream_key). Past 2**32 steps
+    (float64 counters) the step's high half gives other streams: never a repeat."""
+    key = mix32(seed ^ mix32((step + 0x9E3779B9 * (stream + 1)) & M32))
+    return mix32(key ^ (step >> 32)) if step >> 32 else key
 
 
 def stream_bits(key: int, start: int, n: int, output: int, device) -> torch.Tensor:
