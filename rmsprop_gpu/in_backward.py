@@ -37,10 +37,12 @@ class InBackward:
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.accumulation_steps = int(accumulation_steps)
         self.handles: list = []
+        self.hooked: set[int] = set()  # id() of the params with a hook (frozen params get one once they train)
         self.pending: list = []
         self.pending_bytes = 0
         self.flush_queued = False
-        self.counts: dict[int, int] = {}  # id(param) -> backwards accumulated since its last update
+        self.window: dict[int, torch.Tensor] = {}  # params with grads in this accumulation window, not yet stepped
+        self.passes = 0  # backward passes of the current accumulation window done
         self.backwards = 0  # backward passes since the last opt.step()
         self.buckets = 0  # buckets stepped (tests and benchmarks read it)
         self.plans = LRU(4096)  # a plan per bucket part (no tensors held); buckets move when params gain grads
@@ -48,7 +50,7 @@ class InBackward:
         self.ddp = None  # the DDP model whose comm hook drives the updates (attach_ddp)
 
     def attach(self, params) -> None:
-        params = list(params)
+        """Hooks on the params that train now; the others get theirs when they start training (adopt())."""
         if self.ddp is not None:
             return
         ref = self._opt
@@ -59,8 +61,22 @@ class InBackward:
                 opt._in_backward._ready(p)
 
         for p in params:
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in self.hooked:
                 self.handles.append(p.register_post_accumulate_grad_hook(hook))
+                self.hooked.add(id(p))
+
+    def adopt(self) -> None:
+        """Params frozen when they were added that train now: hooked from now on, and a grad they got without a
+        hook joins this accumulation window (it is stepped at the window's end like any other)."""
+        opt = self._opt()
+        if opt is None or self.ddp is not None:
+            return
+        late = [p for g in opt.param_groups for p in g["params"] if id(p) not in self.hooked and p.requires_grad]
+        if late:
+            self.attach(late)
+            for p in late:
+                if p.grad is not None:
+                    self.window[id(p)] = p
 
     def attach_ddp(self, ddp_model) -> None:
         """Let DDP's buckets drive the updates: all-reduce, then step the bucket's params with the reduced grads."""
@@ -87,6 +103,7 @@ class InBackward:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.hooked.clear()
 
     def _ready(self, p: torch.Tensor) -> None:
         dist = torch.distributed
@@ -98,11 +115,10 @@ class InBackward:
         if not self.flush_queued:  # the end of this backward pass flushes what is left
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self.flush_queued = True
-        n = self.counts.get(id(p), 0) + 1
-        if n < self.accumulation_steps:
-            self.counts[id(p)] = n
+        if self.passes < self.accumulation_steps - 1:  # not the window's last backward: the grads accumulate
+            self.window[id(p)] = p
             return
-        self.counts[id(p)] = 0
+        self.window.pop(id(p), None)
         self.pending.append(p)
         self.pending_bytes += p.numel() * p.element_size()
         if self.pending_bytes >= self.bucket_bytes:
@@ -111,6 +127,19 @@ class InBackward:
     def _end_of_backward(self) -> None:
         self.flush_queued = False
         self.backwards += 1
+        self.end_of_pass()
+
+    def end_of_pass(self) -> None:
+        """A backward pass ended: at the end of an accumulation window every param that got a grad in it is
+        stepped (also one that missed the window's last pass), whatever is left in the last bucket included."""
+        self.adopt()
+        self.passes += 1
+        if self.passes >= self.accumulation_steps:
+            self.passes = 0
+            for p in self.window.values():
+                if p.grad is not None:
+                    self.pending.append(p)
+            self.window.clear()
         self.flush()
 
     @torch.no_grad()
@@ -127,7 +156,13 @@ class InBackward:
         self.buckets += 1
 
     def step_called(self, opt, closure, grad_scale) -> None:
-        """opt.step() with in_backward: nothing to do (say so once), or refuse what cannot have worked."""
+        """opt.step() with in_backward: nothing to do (say so once), or refuse what cannot have worked. A backward
+        pass in which only params without a hook got grads (frozen when added, training now) queued no callback:
+        it ends here."""
+        if any(id(p) not in self.hooked and p.grad is not None and p.requires_grad
+               for g in opt.param_groups for p in g["params"]) and self.ddp is None:
+            self.backwards += 1
+            self.end_of_pass()
         backwards, self.backwards = self.backwards, 0
         if closure is not None:
             raise RuntimeError("in_backward=True updates during backward: step(closure) cannot re-evaluate the loss")

@@ -199,9 +199,9 @@ class RMSprop(Optimizer):
     def step(self, closure=None):
         """One fused RMSprop step for every param group; returns closure's loss when given. Under torch.compile
         the step is traced (no graph break) into one rmsprop_gpu::rmsprop_ custom op per param group."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and self._in_backward is None:
             return self._traced_step(closure)
-        return self._eager_step(closure)
+        return self._eager_step(closure)  # in_backward: also under torch.compile (a graph break), as eager
 
     def _traced_step(self, closure=None):
         """What torch.compile traces: state created as in eager, then the custom op (rmsprop_gpu.ops) per param

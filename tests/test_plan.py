@@ -387,3 +387,121 @@ def test_loading_a_float_state_dict_keeps_8_bit_state():
     opt.load_state_dict(sd)
     assert opt.param_groups[0]["state_bits"] == 8
     assert opt.state[ps[0]]["square_avg"].dtype == torch.uint8
+
+
+# ---------------------------------------------------------------- in_backward is exact
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4), torch.nn.Tanh(),
+                               torch.nn.Linear(4, 1))
+
+
+def _train(model, opt, in_backward, steps, k=1, freeze=None, unfreeze_at=None, skip=None):
+    """k backward passes per step; `skip(step, pass)` -> a param index that gets no grad in that pass."""
+    import warnings
+
+    gen = torch.Generator().manual_seed(5)
+    ps = list(model.parameters())
+    if freeze is not None:
+        ps[freeze].requires_grad_(False)
+    for step in range(steps):
+        if step == unfreeze_at:
+            ps[freeze].requires_grad_(True)
+        for k_pass in range(k):
+            x = torch.randn(3, 6, generator=gen)
+            skipped = None if skip is None else skip(step, k_pass)
+            if skipped is not None:
+                ps[skipped].requires_grad_(False)  # it misses this backward
+            model(x).pow(2).sum().backward()
+            if skipped is not None:
+                ps[skipped].requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in ps]
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_in_backward_updates_a_param_unfrozen_after_construction(backend):
+    kw = dict(lr=0.01, momentum=0.9, backend=backend)
+    m1, m2 = _mlp(), _mlp()
+    got = _train(m1, rmsprop_gpu.RMSprop(m1.parameters(), in_backward=True, **kw), True, 4, freeze=0, unfreeze_at=2)
+    want = _train(m2, rmsprop_gpu.RMSprop(m2.parameters(), **kw), False, 4, freeze=0, unfreeze_at=2)
+    assert not torch.equal(got[0], _mlp().state_dict()["0.weight"])  # it trained
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_in_backward_updates_when_only_late_params_train(backend):
+    """Every param frozen at construction: no hook fires, step() ends the pass and steps them."""
+    kw = dict(lr=0.01, backend=backend)
+    m1, m2 = _mlp(), _mlp()
+    for m in (m1, m2):
+        m.requires_grad_(False)
+    o1 = rmsprop_gpu.RMSprop(m1.parameters(), in_backward=True, **kw)
+    o2 = rmsprop_gpu.RMSprop(m2.parameters(), **kw)
+    for m in (m1, m2):
+        m.requires_grad_(True)
+    got, want = _train(m1, o1, True, 3), _train(m2, o2, False, 3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_in_backward_accumulation_windows_are_exact_per_param(backend):
+    """accumulation_steps=3: a param that misses some backward passes of a window (the last one included) is
+    stepped at the window's end with what it accumulated, as a normal step() after 3 backwards does."""
+    kw = dict(lr=0.01, momentum=0.9, centered=True, backend=backend)
+    skip = lambda step, k_pass: {(0, 2): 0, (1, 0): 2, (2, 1): 4}.get((step, k_pass))  # noqa: E731
+    m1, m2 = _mlp(), _mlp()
+    o1 = rmsprop_gpu.RMSprop(m1.parameters(), in_backward=True, accumulation_steps=3, bucket_mb=1e-4, **kw)
+    got = _train_accumulating(m1, o1, skip)
+    want = _train_accumulating(m2, rmsprop_gpu.RMSprop(m2.parameters(), **kw), skip, step_every=3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _train_accumulating(model, opt, skip, step_every=None):
+    """9 backward passes; with step_every, a normal step() + zero_grad() after every step_every passes."""
+    gen = torch.Generator().manual_seed(5)
+    ps = list(model.parameters())
+    for i in range(9):
+        skipped = skip(i // 3, i % 3)
+        if skipped is not None:
+            ps[skipped].requires_grad_(False)
+        model(torch.randn(3, 6, generator=gen)).pow(2).sum().backward()
+        if skipped is not None:
+            ps[skipped].requires_grad_(True)
+        if step_every and (i + 1) % step_every == 0:
+            opt.step()
+            opt.zero_grad()
+    return [p.detach().clone() for p in ps]
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_a_compiled_step_of_an_in_backward_optimizer_is_the_eager_step(backend):
+    """torch.compile(opt.step) must not update again what backward updated."""
+    import warnings
+
+    torch._dynamo.reset()
+    kw = dict(lr=0.01, momentum=0.9, backend=backend)
+    m1, m2 = _mlp(), _mlp()
+    o1 = rmsprop_gpu.RMSprop(m1.parameters(), in_backward=True, **kw)
+    o2 = rmsprop_gpu.RMSprop(m2.parameters(), **kw)
+    step = torch.compile(o1.step, backend="eager")
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            x = torch.randn(3, 6, generator=gen)
+            m1(x).sum().backward()
+            m2(x).sum().backward()
+            step()
+            o2.step()
+            o2.zero_grad()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="closure"):
+        torch.compile(o1.step, backend="eager")(lambda: m1(x).sum())
