@@ -14,6 +14,9 @@ a step (the least of 5 blocks' medians: a shared machine's noise only ever adds)
 - "regrad, same addresses": new grad tensors on the old storage each step (set_to_none=True + backward with a
   caching allocator that hands the same blocks back, the usual case on a GPU);
 - "regrad, new addresses": new grad tensors on other storage each step (tables rebuilt each step);
+- "usual loop": zero_grad(set_to_none=True), then new grads (what backward does): the old grads are freed before
+  the step (the plan holds none), the new ones mostly at addresses never seen before (the share that repeats is
+  reported); target at most 2x the warm step;
 plus launches, table builds and hyper-table uploads per warm step. torch.optim.RMSprop(foreach=True) runs beside,
 on the same number of 1-element tensors (its arithmetic is then negligible, so its time is host time).
 Target (issue 12): at most 30 us + 0.5 us per tensor, warm.
@@ -130,6 +133,21 @@ def measure(case: dict, backend_name: str, steps: int) -> dict:
 
     row["regrad_new_address_us"], per = warm(new_addresses)
     row["regrad_new_address_table_builds_per_step"] = per[1]
+    seen_ptrs: set = set()
+    repeats = [0, 0]
+
+    def usual_loop():  # zero_grad(set_to_none=True), then backward allocates new grads: the old ones are freed
+        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = torch.empty(p.shape)
+            repeats[0] += p.grad.data_ptr() in seen_ptrs
+            repeats[1] += 1
+            seen_ptrs.add(p.grad.data_ptr())
+
+    row["usual_loop_us"], per = warm(usual_loop)
+    row["usual_loop_table_builds_per_step"] = per[1]
+    row["usual_loop_repeated_addresses"] = repeats[0] / max(repeats[1], 1)
+    row["usual_loop_over_warm"] = row["usual_loop_us"] / row["warm_us"]
     row["warm_us_per_tensor"] = row["warm_us"] / len(shapes)
     row["target_us"] = 30 + 0.5 * len(shapes)
     row["meets_target"] = row["warm_us"] <= row["target_us"]
@@ -160,7 +178,8 @@ def torch_host_us(case: dict, steps: int) -> float:
 
 def markdown(rows: list[dict]) -> str:
     cols = ("case", "backend", "tensors", "first_step_ms", "warm_us", "warm_us_per_tensor", "target_us",
-            "regrad_same_address_us", "regrad_new_address_us", "launches_per_step", "table_builds_per_step",
+            "regrad_same_address_us", "regrad_new_address_us", "usual_loop_us", "usual_loop_over_warm",
+            "usual_loop_repeated_addresses", "launches_per_step", "table_builds_per_step",
             "hyper_uploads_per_step", "torch_foreach_us")
     out = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     for r in rows:
@@ -179,6 +198,7 @@ def plot(rows: list[dict], path: Path) -> None:
     series = [("warm (triton)", "triton", "warm_us"), ("warm (cupy)", "cupy", "warm_us"),
               ("regrad, same addr. (triton)", "triton", "regrad_same_address_us"),
               ("regrad, new addr. (triton)", "triton", "regrad_new_address_us"),
+              ("usual loop, set_to_none (triton)", "triton", "usual_loop_us"),
               ("torch.optim foreach (host)", "triton", "torch_foreach_us")]
     width = 0.8 / len(series)
     for k, (label, backend, key) in enumerate(series):
@@ -219,7 +239,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"[{i + 1}/{len(all_cases)}] {name:45s} {backend:6s} warm {row['warm_us']:8.1f} us "
                       f"(target {row['target_us']:.0f}), regrad {row['regrad_same_address_us']:8.1f} / "
-                      f"{row['regrad_new_address_us']:8.1f} us, {row['launches_per_step']:.0f} launch(es), "
+                      f"{row['regrad_new_address_us']:8.1f} us, usual loop {row['usual_loop_us']:8.1f} us, "
+                      f"{row['launches_per_step']:.0f} launch(es), "
                       f"torch foreach {torch_us:8.1f} us", flush=True)
                 gc.collect()
     gc.enable()

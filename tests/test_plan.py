@@ -287,7 +287,8 @@ def test_the_op_cache_holds_no_tensors_and_reuses_its_plan_under_aot_eager():
     assert len(ops._PLANS) == n_plans  # the same plan, re-pointed at each call's copies
     assert tables.builds - builds <= 2  # at most one table upload per call, no plan rebuilt
     held = [t for plan in ops._PLANS._entries.values() for t in reachable_tensors(plan)]
-    assert held and not any(t.shape in ((3, 8), (3,)) for t in held), "a plan holds a param, grad or state"
+    assert held and not any(t.is_floating_point() and t.shape in ((3, 8), (3,)) for t in held), (
+        "a plan holds a param, grad or state")
 
 
 def reachable_tensors(root) -> list:

@@ -171,7 +171,8 @@ def test_old_checkpoint_steps_load(backend, old_step):  # B5
 @pytest.mark.parametrize("options", [{}, {"bias_correction": True}], ids=["torch_options", "kernel_reads_step"])
 def test_step_counters_follow_the_default_dtype_as_torchs(backend, options):
     """torch makes float64 counters under torch.set_default_dtype(torch.float64) (PyTorch's
-    test_set_default_dtype_works_with_foreach); ours too, but where the kernel reads the counter (float32)."""
+    test_set_default_dtype_works_with_foreach); ours too, and float64 wherever the kernels read the counter
+    (float32 would stop counting at 2**24)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -180,7 +181,7 @@ def test_step_counters_follow_the_default_dtype_as_torchs(backend, options):
         p.grad = torch.randn(10, dtype=torch.float32)
         q.grad = p.grad.clone()
         opt = rmsprop_gpu.RMSprop([p], backend=backend, momentum=0.9, **options)
-        want = torch.float32 if options else torch.float64
+        want = torch.float64
         if not options:
             ref = torch.optim.RMSprop([q], momentum=0.9)
         for _ in range(3):
