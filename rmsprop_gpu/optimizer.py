@@ -315,7 +315,6 @@ class RMSprop(Optimizer):
             if per_call_views(t["params"]):
                 sp.cacheable = False  # the kernels see per-call views of these: check every step
             gathered.append((t, names))
-        sp.plan = Plan(checked, lists) if checked else None  # one launch per layout across param groups
         for p, state in pending.items():  # every check passed: commit new state
             self.state[p] = state
         for gi, (group, (t, names)) in enumerate(zip(self.param_groups, gathered)):  # watched from now on
@@ -324,6 +323,9 @@ class RMSprop(Optimizer):
             else:
                 sp.watch(group, t["params"], t["idle"], t["dicts"], names)
         sp.seal(self.state)
+        if checked:  # one launch per layout across param groups, confirmed each step against tensors()
+            flat, _ = sp.tensors()
+            sp.plan = Plan(checked, lists, flat, sp.where)
         return sp, lists
 
     def _run(self, plan: StepPlan, lists: dict, grad_scale, found_inf) -> None:

@@ -194,9 +194,15 @@ except ImportError:  # pragma: no cover - older or trimmed torch builds: the sam
     _TensorGuards = None
 
 
+def _layout_of(x) -> tuple:
+    if not arr.is_array(x):  # a non-tensor state value: the same object (a number, None) or a change
+        return type(x), id(x)
+    return (type(x), tuple(x.shape), tuple(x.strides if arr.is_cupy(x) else x.stride()), arr.dtype_name(x),
+            arr.device_of(x))
+
+
 def _layouts(xs) -> list:
-    return [(type(x), tuple(x.shape), tuple(x.strides if arr.is_cupy(x) else x.stride()), arr.dtype_name(x),
-             arr.device_of(x)) for x in xs]
+    return list(map(_layout_of, xs))
 
 
 def _layout_guard(xs: list):
@@ -216,8 +222,8 @@ def _layout_guard(xs: list):
 def _ptrs(xs: list) -> list:
     try:
         return list(map(_data_ptr, xs))
-    except TypeError:  # CuPy arrays
-        return list(map(arr.ptr, xs))
+    except TypeError:  # CuPy arrays, or a non-tensor state value (compared by identity)
+        return [arr.ptr(x) if arr.is_array(x) else id(x) for x in xs]
 
 
 def per_call_views(params) -> bool:
@@ -229,32 +235,59 @@ def per_call_views(params) -> bool:
 SAME, MOVED, CHANGED = "same", "moved", "changed"
 
 
-class Seen:
-    """The address and layout (shape, strides, dtype, device) of every tensor a plan's launches read or write,
-    in the order of TENSOR_LISTS: a call's tensors are confirmed against it in two C-level passes (addresses;
-    torch's tensor guard), so a storage swapped behind the same object (t.data = ..., set_, resize_, t_(),
-    as_strided_) is seen as surely as a new object."""
+def take(positions):
+    """A function that picks these positions of a list, as a list (a slice when they are evenly spaced)."""
+    positions = list(positions)
+    if not positions:
+        return lambda xs: []
+    step = positions[1] - positions[0] if len(positions) > 1 else 1
+    if step > 0 and positions == list(range(positions[0], positions[-1] + 1, step)):
+        cut = slice(positions[0], positions[-1] + 1, step)
+        return lambda xs: xs[cut]
+    if len(positions) == 1:
+        r = positions[0]
+        return lambda xs: [xs[r]]
+    get = itemgetter(*positions)
+    return lambda xs: list(get(xs))
 
-    def __init__(self, lists: dict):
-        self.names = [n for n in TENSOR_LISTS if lists.get(n) is not None]
-        flat = self.flat(lists)
+
+def flat_of(lists: dict) -> list:
+    """Every tensor of these lists (Group list name -> list) in one list, in TENSOR_LISTS order."""
+    flat = []
+    for n in TENSOR_LISTS:
+        if lists.get(n) is not None:
+            flat += lists[n]
+    return flat
+
+
+def flatten(lists: dict) -> tuple[list, dict]:
+    """Every tensor of these lists (Group list name -> list) in one list, and where each list is in it."""
+    flat, where = [], {}
+    for n in TENSOR_LISTS:
+        if lists.get(n) is not None:
+            where[n] = take(range(len(flat), len(flat) + len(lists[n])))
+            flat += lists[n]
+    return flat, where
+
+
+class Seen:
+    """The address and layout (shape, strides, dtype, device) of every tensor a plan's launches read or write: a
+    call's tensors are confirmed against it in two C-level passes (addresses; torch's tensor guard), so a storage
+    swapped behind the same object (t.data = ..., set_, resize_, t_(), as_strided_) is seen as surely as a new
+    object. flat: those tensors in a fixed order; where: Group list name -> a function picking that list's
+    positions in flat (flatten() makes both from lists)."""
+
+    def __init__(self, flat: list, where: dict):
         self.ptrs = _ptrs(flat)
         self.guard = _layout_guard(flat)
-        self.lengths = [len(lists[n]) for n in self.names]
+        self.where = where
 
-    def flat(self, lists: dict) -> list:
-        out = []
-        for n in self.names:
-            out += lists[n]
-        return out
-
-    def compare(self, lists: dict) -> tuple[str, dict]:
+    def compare(self, flat: list, lists: dict) -> tuple[str, dict]:
         """SAME; MOVED with {list name: its new addresses} for the lists that moved (every layout the same);
-        or CHANGED (rebuild with the full checks)."""
+        or CHANGED (rebuild with the full checks). lists: the call's lists (for the overlap check of MOVED)."""
+        if len(flat) != len(self.ptrs):
+            return CHANGED, {}
         try:
-            flat = self.flat(lists)
-            if len(flat) != len(self.ptrs):
-                return CHANGED, {}
             ptrs = _ptrs(flat)
             if not self.guard(flat):
                 return CHANGED, {}
@@ -262,11 +295,11 @@ class Seen:
             return CHANGED, {}
         if ptrs == self.ptrs:
             return SAME, {}
-        moved, k = {}, 0
-        for n, length in zip(self.names, self.lengths):
-            if ptrs[k:k + length] != self.ptrs[k:k + length]:
-                moved[n] = ptrs[k:k + length]
-            k += length
+        moved = {}
+        for name, pick in self.where.items():
+            new = pick(ptrs)
+            if new != pick(self.ptrs):
+                moved[name] = new
         if any(n in moved for n in WRITTEN) and not no_overlap(
                 [x for n in WRITTEN if lists.get(n) is not None for x in lists[n]]):
             return CHANGED, {}  # written tensors moved onto each other: the full checks say so
@@ -280,17 +313,20 @@ WRITTEN = ("params", "square_avgs", "momentum_buffers", "grad_avgs")
 class Plan:
     """The launches of one set of tensor lists (one per layout, across param groups), built with every check,
     and what they were built from. It keeps addresses and layouts, never a tensor: each call hands in its lists
-    (Group list name -> list, in the order the plan was built from), confirmed before anything is written."""
+    (Group list name -> list, in the order the plan was built from), confirmed before anything is written.
+    flat, where: every tensor of the call in one list, and where each list is in it (default: flatten(lists))."""
 
-    def __init__(self, checked: list[Checked], lists: dict):
+    def __init__(self, checked: list[Checked], lists: dict, flat: list | None = None, where: dict | None = None):
         self.entries = prepare(checked, {n: len(xs) for n, xs in lists.items() if xs is not None})
         self.float32 = any(e.group.param_dtype != "float64" for e in self.entries)  # lr, wd must fit float32
-        self.seen = Seen(lists)
+        if flat is None:
+            flat, where = flatten(lists)
+        self.seen = Seen(flat, where)
 
-    def confirm(self, lists: dict) -> bool:
+    def confirm(self, lists: dict, flat: list | None = None) -> bool:
         """True when the launches can run on these tensors (after re-pointing the tables at moved ones, e.g. grads
         re-allocated); False when the plan must be rebuilt with the full checks."""
-        verdict, moved = self.seen.compare(lists)
+        verdict, moved = self.seen.compare(flat_of(lists) if flat is None else flat, lists)
         if verdict is SAME:
             return True
         if verdict is CHANGED:
@@ -336,8 +372,9 @@ def _lr_kind(lr):
     return (lr.device, lr.dtype) if isinstance(lr, torch.Tensor) else None
 
 
-_state_getters = {"square_avgs": itemgetter("square_avg"), "momentum_buffers": itemgetter("momentum_buffer"),
-                  "grad_avgs": itemgetter("grad_avg"), "steps": itemgetter("step")}
+# the state_dict key of each Group state list
+STATE_KEY_OF = {"square_avgs": "square_avg", "momentum_buffers": "momentum_buffer", "grad_avgs": "grad_avg",
+                "steps": "step"}
 
 
 @dataclass
@@ -362,7 +399,10 @@ class StepPlan:
     last_hypers: dict | None = None
     active: list = field(default_factory=list)  # params the plan updates (they had a grad)
     idle: list = field(default_factory=list)  # params without a grad
-    state_lists: dict = field(default_factory=dict)  # list name -> (the state dicts holding it, in order)
+    active_dicts: list = field(default_factory=list)  # their state dicts
+    uses: list = field(default_factory=list)  # per active param: the state lists its group uses
+    picks: dict = field(default_factory=dict)  # state list name -> picks its tensors from the dicts' values
+    where: dict = field(default_factory=dict)  # list name -> picks its tensors from tensors()'s flat list
     state_dicts: list = field(default_factory=list)  # the optimizer's per-param state dicts, in its order
 
     @property
@@ -383,20 +423,37 @@ class StepPlan:
         self.lr_kinds.append(_lr_kind(group["lr"]))
         self.active += active
         self.idle += idle
-        for name in names:
-            self.state_lists.setdefault(name, []).extend(dicts)
+        self.active_dicts += dicts
+        self.uses += [names] * len(active)
 
     def seal(self, opt_state: dict) -> None:
-        """Record the optimizer's state dicts once they are committed: a replaced per-param dict, an entry added or
-        removed, is then seen by iterating dict values (no tensor hashing per step)."""
+        """Record the optimizer's state dicts once they are committed (a replaced per-param dict, an entry added or
+        removed, is then seen by iterating dict values: no tensor hashing per step), and where each state list
+        is among the values of the params' state dicts (read in one pass per step)."""
         self.state_dicts = list(opt_state.values())
+        positions: dict = {}
+        k = 0
+        for d, names in zip(self.active_dicts, self.uses):
+            keys = list(d)
+            for name in names:
+                positions.setdefault(name, []).append(k + keys.index(STATE_KEY_OF[name]))
+            k += len(keys)
+        n = len(self.active)
+        self.picks = {name: take(pos) for name, pos in positions.items()}
+        self.where = {"params": take(range(n)), "grads": take(range(n, 2 * n)),
+                      **{name: take([2 * n + i for i in pos]) for name, pos in positions.items()}}
 
-    def tensors(self) -> dict:
-        """This step's tensor lists, read from the params and the state dicts (KeyError: a state entry is gone)."""
-        lists = {"params": self.active, "grads": list(map(_grad, self.active))}
-        for name, dicts in self.state_lists.items():
-            lists[name] = list(map(_state_getters[name], dicts))
-        return lists
+    def tensors(self) -> tuple[list, dict]:
+        """This step's tensors: every one the launches touch in one list (params, grads, then the values of the
+        params' state dicts: a key deleted or added shifts them, which the plan's confirmation sees), and the
+        Group lists."""
+        active = self.active
+        grads = list(map(_grad, active))
+        values = list(chain.from_iterable(map(dict.values, self.active_dicts)))
+        lists = {"params": active, "grads": grads}
+        for name, pick in self.picks.items():
+            lists[name] = pick(values)
+        return active + grads + values, lists
 
     def refresh(self, param_groups, opt_state) -> dict | None:
         """This step's tensor lists when the plan can run on them (tables re-pointed at moved tensors, e.g.
@@ -421,11 +478,8 @@ class StepPlan:
             return None
         if not all(map(is_, map(_grad, self.idle), repeat(None))):  # a param gained a grad
             return None
-        try:
-            lists = self.tensors()
-        except KeyError:
-            return None
-        if self.plan is not None and not self.plan.confirm(lists):
+        flat, lists = self.tensors()
+        if self.plan is not None and not self.plan.confirm(lists, flat):
             return None
         return lists
 

@@ -506,3 +506,20 @@ def test_a_compiled_step_of_an_in_backward_optimizer_is_the_eager_step(backend):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     with pytest.raises(RuntimeError, match="closure"):
         torch.compile(o1.step, backend="eager")(lambda: m1(x).sum())
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_extra_state_entries_are_kept_and_do_not_confuse_the_plan(backend):
+    """Libraries add their own keys to optimizer state; the plan confirms whatever is there."""
+    (a, pa), (b, pb) = make(backend), make(backend)
+    a.state[pa[0]]["ema"] = torch.zeros(3)
+    a.state[pa[1]]["note"] = 1.5
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        for x, y in zip(pa, pb):
+            x.grad = torch.randn(x.shape, generator=gen)
+            y.grad = x.grad.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert a.state[pa[1]]["note"] == 1.5
