@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from itertools import chain
 from operator import is_, itemgetter
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+try:
+    from torch._C._profiler import _RecordFunctionFast as _record_function
+except ImportError:  # pragma: no cover - older torch
+    from torch.autograd.profiler import record_function as _record_function
 
 from . import backends, quantize
 from ._contract import STATE_KEYS, check_float32_range, kernel_reads_steps, validate_hyperparameters
@@ -21,6 +30,34 @@ _EXTENSION_KEYS = ("eps_in_sqrt", "state_dtype", "backend", "initial_accumulator
 _lr_of = itemgetter("lr")
 _hyper_values = itemgetter("alpha", "eps", "weight_decay", "momentum", "centered", "maximize", "eps_in_sqrt",
                            "capturable", "sr_seed")
+
+
+def _with_step_hooks(step):
+    """What torch.optim.Optimizer wraps every step() in (Optimizer.profile_hook_step): the global and the
+    optimizer's own pre- and post-hooks, the profiler's record of the step and _optimizer_step_code; the record
+    through the profiler's fast path (~0.3 us, record_function ~6 us: 5% of a warm step)."""
+
+    @functools.wraps(step)
+    def wrapper(*args, **kwargs):
+        self = args[0]
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else _record_function(
+                f"Optimizer.step#{type(self).__name__}.step"):
+            for pre_hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+                result = pre_hook(self, args, kwargs)
+                if result is not None:
+                    if isinstance(result, tuple) and len(result) == 2:
+                        args, kwargs = result
+                    else:
+                        raise RuntimeError(f"{step} must return None or a tuple of (new_args, new_kwargs), but got "
+                                           f"{result}.")
+            out = step(*args, **kwargs)
+            self._optimizer_step_code()
+            for post_hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+                post_hook(self, args, kwargs)
+            return out
+
+    wrapper.hooked = True  # torch's Optimizer then does not wrap it again
+    return wrapper
 
 
 class RMSprop(Optimizer):
@@ -195,6 +232,7 @@ class RMSprop(Optimizer):
         out["idle"] = idle
         return out
 
+    @_with_step_hooks
     @torch.no_grad()
     def step(self, closure=None):
         """One fused RMSprop step for every param group; returns closure's loss when given. Under torch.compile
