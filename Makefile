@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-test.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test demo bench host-overhead report lint clean gpu-check gpu-check-cpu stochastic-rounding state-bits
+.PHONY: test demo bench host-overhead report lint clean gpu-check gpu-check-cpu gpu-image-check stochastic-rounding \
+	state-bits
 
 $(STAMP): requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +61,9 @@ gpu-check:  ## on a lent GPU machine: its own python3 and packages (no venv, no 
 
 gpu-check-cpu: $(STAMP)  ## the same script rehearsed on the CPU (interpreter, g++ build of the .cu, tiny sizes)
 	$(BIN)/python perf/gpu_check.py --dry-run
+
+gpu-image-check:  ## the GPU machine's versions (Python 3.12, torch 2.11, triton 3.6, ...) on the CPU: rehearsal + kernel tests
+	bash tools/gpu_image_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

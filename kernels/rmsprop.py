@@ -13,8 +13,31 @@ S_DTYPE uint8 is 8-bit blockwise state (state_bits=8): decoded and encoded per b
 (_update_chunk_q8; the format: rmsprop_gpu/quantize.py).
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+
+def _interpreter_fma_rounds_twice() -> bool:
+    """Triton's interpreter before 3.9 computes tl.fma as a multiply, then an add (compiled code has a real FMA)."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    from triton.runtime import interpreter
+
+    return not hasattr(getattr(interpreter, "_interpreter", None), "fma_fp32")
+
+
+# under such an interpreter the FMA is computed in float64, where a product of float32s is exact
+_FMA_IN_FLOAT64: tl.constexpr = tl.constexpr(_interpreter_fma_rounds_twice())
+
+
+@triton.jit
+def _fma(a, b, c):
+    if _FMA_IN_FLOAT64:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
 
 
 @triton.jit
@@ -186,7 +209,7 @@ def _update(
         if BIAS_CORRECTION or CLAMP_VAR:  # optax's subtraction (clamped below); 8-bit: inf is a NaN block anyway
             var = var - avg * avg
         else:  # torch's addcmul(value=-1) is an FMA: v = inf stays inf though avg^2 overflows
-            var = tl.fma(-avg, avg, var)
+            var = _fma(-avg, avg, var)
         if BIAS_CORRECTION or CLAMP_VAR:  # negative by rounding at step 1 (optax: NaN), or by quantization
             var = tl.where(var < 0.0, 0.0, var)
     if EPS_IN_SQRT:

@@ -95,7 +95,8 @@ class Runner:
         self.summary = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         "dry_run": dry_run, "out": str(out), "stages": []}
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # files that need not come back
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # TORCHINDUCTOR_COMPILE_THREADS=1: torch 2.11's inductor compile-worker pool once hung 300 s at exit
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_COMPILE_THREADS="1")
         self.env.pop("TRITON_INTERPRET", None)  # only the dry run interprets, and it says so itself
         if dry_run:
             self.env["RMSPROP_GPU_CHECK_DEVICE"] = "cpu"
@@ -139,6 +140,35 @@ class Runner:
         return rec
 
 
+def install(work: Path) -> int:
+    """The package for the later stages, with no network and whatever build tools the image has: an editable
+    install when pip can build one (setuptools >= 77), else a staged copy of what the wheel holds (rmsprop_gpu
+    with kernels/ inside) put on PYTHONPATH. Says in one line what it found and did; writes the PYTHONPATH to use
+    (empty for the editable install) to work/pythonpath."""
+    found = {}
+    for mod in ("setuptools", "wheel", "pip", "cuda.bindings"):
+        try:
+            found[mod] = __import__(mod, fromlist=["__version__"]).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: reported
+            found[mod] = "missing"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."],
+                         cwd=ROOT, capture_output=True, text=True)
+    (work / "pythonpath").write_text("")
+    have = ", ".join(f"{k} {v}" for k, v in found.items())
+    if res.returncode == 0:
+        print(f"install: editable ({have})")
+        return 0
+    staged = work / "site"
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(ROOT / "rmsprop_gpu", staged / "rmsprop_gpu", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "kernels", staged / "rmsprop_gpu" / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "pythonpath").write_text(str(staged))
+    last = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
+    print(f"install: pip could not build an editable install (it needs setuptools >= 77; found {have}: {last[0]}); "
+          f"running from a staged copy of the package instead: {staged}")
+    return 0
+
+
 def junit_summary(path: Path) -> dict:
     if not path.exists():
         return {"tests": "no junit file (pytest did not finish)"}
@@ -175,11 +205,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="rehearse every stage on the CPU")
     ap.add_argument("--out", type=Path, help="results folder (default $OUT, else perf/results/gpu/)")
     ap.add_argument("--environment-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--install-into", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--skip", nargs="*", default=[], choices=list(STAGES), help="stages to leave out")
     args = ap.parse_args(argv)
     if args.environment_only:
         print(json.dumps(environment(), indent=1, default=str))
         return 0
+    if args.install_into:
+        return install(args.install_into)
     default = ROOT / "perf" / "results" / ("cpu/gpu_check" if args.dry_run else "gpu")
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else default)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +227,10 @@ def main(argv=None) -> int:
         if args.dry_run:  # make's venv already holds an editable install; prove the import instead
             r.stage("install", [py, "-c", "import rmsprop_gpu.kernels, rmsprop_gpu; print(rmsprop_gpu.__file__)"])
         else:  # no network on the GPU machine: its own packages, no build isolation, no dependencies
-            r.stage("install", [py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."])
+            r.stage("install", [py, "perf/gpu_check.py", "--install-into", str(r.work)])
+            staged = (r.work / "pythonpath").read_text() if (r.work / "pythonpath").exists() else ""
+            if staged:
+                r.env["PYTHONPATH"] = os.pathsep.join([staged, r.env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
     if "environment" not in args.skip:
         env_file = r.work / "environment.json"

@@ -219,10 +219,6 @@ def _layout_guard(xs: list):
     return lambda ys: _layouts(ys) == seen
 
 
-# torch's C++ check that tensors are at given addresses (CUDA builds: CUDA graph trees use it); else a map
-_ptrs_equal = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
-
-
 def _ptrs(xs: list) -> list:
     try:
         return list(map(_data_ptr, xs))
@@ -285,9 +281,6 @@ class Seen:
         self.ptrs = _ptrs(flat)
         self.guard = _layout_guard(flat)
         self.where = where
-        plain = _ptrs_equal is not None and all(type(x) is torch.Tensor or type(x) is torch.nn.Parameter
-                                                for x in flat)
-        self.all = list(range(len(flat))) if plain else None  # the positions the C++ address check compares
 
     def compare(self, flat: list, lists: dict) -> tuple[str, dict]:
         """SAME; MOVED with {list name: its new addresses} for the lists that moved (every layout the same);
@@ -297,8 +290,6 @@ class Seen:
         try:
             if not self.guard(flat):
                 return CHANGED, {}
-            if self.all is not None and _ptrs_equal(flat, self.ptrs, self.all):  # one C++ pass, where torch has it
-                return SAME, {}
             ptrs = _ptrs(flat)
         except (AttributeError, RuntimeError, TypeError):  # a None, a number, a sparse tensor: the checks say
             return CHANGED, {}

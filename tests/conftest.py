@@ -8,6 +8,7 @@ import tempfile
 
 os.environ["TRITON_INTERPRET"] = "1"  # read when kernels/rmsprop.py is imported: set before anything imports it
 os.environ.pop("RMSPROP_GPU_BACKEND", None)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # torch 2.11's compile-worker pool can hang at exit
 os.environ["RMSPROP_GPU_CACHE_DIR"] = tempfile.mkdtemp(prefix="rmsprop_gpu_cache_")  # not the user's cache
 atexit.register(shutil.rmtree, os.environ["RMSPROP_GPU_CACHE_DIR"], ignore_errors=True)  # leave no dir behind
 
