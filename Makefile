@@ -4,8 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-test.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test demo bench host-overhead report lint clean gpu-check gpu-check-cpu gpu-image-check stochastic-rounding \
-	state-bits
+.PHONY: test demo bench host-overhead report lint clean gpu-check gpu-check-cpu gpu-image-check floor-check ci \
+	stochastic-rounding state-bits
 
 $(STAMP): requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ gpu-check-cpu: $(STAMP)  ## the same script rehearsed on the CPU (interpreter, g
 
 gpu-image-check:  ## the GPU machine's versions (Python 3.12, torch 2.11, triton 3.6, ...) on the CPU: rehearsal + kernel tests
 	bash tools/gpu_image_check.sh
+
+floor-check:  ## the oldest supported torch and triton (requirements-floor.txt): the optimizer, every CPU backend, the op
+	bash tools/floor_check.sh
+
+ci: test gpu-image-check floor-check  ## what CI runs (.ci/run)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

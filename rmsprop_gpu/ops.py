@@ -11,7 +11,9 @@ Python floats (lr, alpha, eps, weight_decay, momentum) are constants of the comp
 compiled optimizers: changing one recompiles.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`, and typing's List / Optional: torch.library reads these annotations
+# as the op's schema, and torch 2.4 (the support floor) knows neither string annotations nor list[...] / X | None
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -28,13 +30,13 @@ _PLANS = LRU(16)
 
 @torch.library.custom_op("rmsprop_gpu::rmsprop_",
                          mutates_args=("params", "square_avgs", "grad_avgs", "momentum_buffers", "state_steps"))
-def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
-             momentum_buffers: list[Tensor], state_steps: list[Tensor], lr: float, lr_tensor: Tensor | None,
+def rmsprop_(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor], grad_avgs: List[Tensor],
+             momentum_buffers: List[Tensor], state_steps: List[Tensor], lr: float, lr_tensor: Optional[Tensor],
              alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool, maximize: bool,
-             eps_in_sqrt: bool, capturable: bool, backend: str, grad_scale: Tensor | None,
-             found_inf: Tensor | None, lr_in_momentum: bool = False, nesterov: bool = False,
+             eps_in_sqrt: bool, capturable: bool, backend: str, grad_scale: Optional[Tensor],
+             found_inf: Optional[Tensor], lr_in_momentum: bool = False, nesterov: bool = False,
              decoupled_weight_decay: bool = False, bias_correction: bool = False, stochastic_rounding: bool = False,
-             sr_seed: int = 0, stream_ids: list[int] | None = None) -> None:
+             sr_seed: int = 0, stream_ids: Optional[List[int]] = None) -> None:
     """One fused RMSprop step over these lists (empty grad_avgs / momentum_buffers when not used); stream_ids:
     each param's random stream (the optimizer's positions; default: positions in these lists)."""
     if not params:

@@ -191,11 +191,12 @@ class RMSprop(Optimizer):
     def _gather(self, group, pending: dict, params=None, grads=None):
         """Params with grads (of the group, or these of it; grads by id(param) when given, else p.grad) and their
         state; new state goes to `pending`, committed only once all checks pass."""
-        out = {k: [] for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps", "dicts")}
+        out = {k: [] for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps", "dicts",
+                               "index")}
         needed = (["square_avg"] + ["momentum_buffer"] * bool(group["momentum"] > 0)
                   + ["grad_avg"] * bool(group["centered"]))
         idle = []
-        for p in group["params"] if params is None else params:
+        for i, p in enumerate(group["params"] if params is None else params):
             grad = p.grad if grads is None else grads[id(p)]
             if grad is None:
                 idle.append(p)
@@ -221,6 +222,7 @@ class RMSprop(Optimizer):
                         state[key].fill_(fill)
                 pending[p] = state
             out["params"].append(p)
+            out["index"].append(i)  # its position in the group (params=None) or in `params`
             out["dicts"].append(state)
             out["grads"].append(grad)
             out["square_avgs"].append(state["square_avg"])
@@ -253,10 +255,11 @@ class RMSprop(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        positions = self._positions()
+        first = 0  # the position of the group's first param among all the optimizer's params
         for group in self.param_groups:
             pending: dict = {}
             t = self._gather(group, pending)
+            stream_ids, first = [first + i for i in t["index"]], first + len(group["params"])
             for p, state in pending.items():
                 self.state[p] = state
             if not t["params"]:
@@ -271,7 +274,7 @@ class RMSprop(Optimizer):
                 bool(group["centered"]), bool(group["maximize"]), bool(group["eps_in_sqrt"]),
                 bool(group["capturable"]), group["backend"] or "", grad_scale, found_inf,
                 *(bool(group[k]) for k in SWITCHES), int(group["sr_seed"]),
-                self._stream_ids(t["params"], positions))
+                stream_ids)
         return loss
 
     @torch._disable_dynamo  # eager only (step() never calls it while compiling); lazy: dynamo loads on first call
@@ -307,15 +310,11 @@ class RMSprop(Optimizer):
             raise
         return loss
 
-    def _stream_ids(self, params, positions: dict | None = None) -> list[int]:
+    def _stream_ids(self, params) -> list[int]:
         """Each param's random stream (stochastic rounding, 8-bit codes): its position among all the optimizer's
-        params (its state_dict id), so the same whatever launch, bucket or compiled graph updates it. positions:
-        _positions(), when the caller asks for several param groups."""
-        pos = positions or self._positions()
+        params (its state_dict id), so the same whatever launch, bucket or compiled graph updates it."""
+        pos = {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
         return [pos[id(p)] for p in params]
-
-    def _positions(self) -> dict:
-        return {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     def _hyper(self, group, grad_scale=None, found_inf=None):
         return make_hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
@@ -329,9 +328,10 @@ class RMSprop(Optimizer):
         sp = StepPlan()
         checked, gathered = [], []
         lists: dict = {"params": [], "grads": [], "square_avgs": [], "steps": []}
-        positions = self._positions()
+        first = 0  # the position of the group's first param among all the optimizer's params
         for gi, group in enumerate(self.param_groups):
             t = self._gather(group, pending)
+            stream_ids, first = [first + i for i in t["index"]], first + len(group["params"])
             names = ()
             if group["differentiable"]:
                 if group["eps_in_sqrt"] or any(group[k] for k in SWITCHES):
@@ -347,7 +347,7 @@ class RMSprop(Optimizer):
                 checked += check_groups(
                     t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"], t["steps"],
                     self._hyper(group), foreach=group["foreach"], backend=group["backend"], group_index=gi,
-                    stream_ids=self._stream_ids(t["params"], positions), offsets=offsets)
+                    stream_ids=stream_ids, offsets=offsets)
                 for n in ("params", "grads", *names):
                     lists[n] += t[n]
             if per_call_views(t["params"]):

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# make gpu-image-check: the GPU machine's versions twinned on the CPU (tools/gpu_image_venv.sh builds the venv once
+# make gpu-image-check: the GPU machine's versions twinned on the CPU (tools/pinned_venv.sh builds the venv once
 # per machine), running what the GPU check runs (its CPU rehearsal) and the kernel tests under those versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=$(bash tools/gpu_image_venv.sh)
+py=$(bash tools/pinned_venv.sh requirements-gpu-image.txt 3.12)
 "$py" -m pip install --quiet --no-deps --no-build-isolation -e .
 "$py" -c 'import sys, torch, triton, numpy, cupy
 print(f"gpu-image twin: Python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, "

@@ -250,7 +250,17 @@ class Launch:
         if self.host_steps:
             advance_steps([group.steps[i] for i in self.host_steps], found_inf)
         if isinstance(group.params[0], torch.Tensor):  # autograd sees the in-place update (raw-pointer writes)
-            torch._C._increment_version(group.written())
+            _increment_versions(group.written())
+
+
+try:  # one call for a list of tensors (torch >= 2.5); torch 2.4 takes one tensor a call
+    torch._C._increment_version([])
+    _increment_versions = torch._C._increment_version
+except (RuntimeError, TypeError):  # pragma: no cover - torch 2.4
+
+    def _increment_versions(tensors: list) -> None:
+        for t in tensors:
+            torch._C._increment_version(t)
 
 
 def _device_scalar(t, device):
