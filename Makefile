@@ -50,9 +50,9 @@ state-bits: $(STAMP)  ## 8-bit vs 32-bit state: bytes, digits MLP training, one-
 	$(BIN)/python perf/state_bits.py
 
 report: $(STAMP) $(TRITON_IMAGE_DIR)/.installed  ## static kernel report (no GPU needed): pinned Triton + the GPU image's
-	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_IMAGE_DIR) $(BIN)/python -m rmsprop_gpu.kernel_report \
+	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_IMAGE_DIR) $(BIN)/python -m tools.kernel_report \
 		--backend triton --json build/static_report_triton_$(TRITON_GPU_IMAGE).json > /dev/null || true
-	env -u TRITON_INTERPRET $(BIN)/python -m rmsprop_gpu.kernel_report \
+	env -u TRITON_INTERPRET $(BIN)/python -m tools.kernel_report \
 		--merge build/static_report_triton_$(TRITON_GPU_IMAGE).json \
 		--markdown perf/results/static_report.md --json perf/results/static_report.json
 

@@ -68,9 +68,7 @@ def _stream_key(seed, step, stream):
     """step: int64. Past 2**32 steps (float64 counters) its high half gives other streams, never a repeat."""
     key = _mix32(seed ^ _mix32(step.to(tl.uint32) + 0x9E3779B9 * (stream + 1)))
     hi = (step >> 32).to(tl.uint32)
-    if hi != 0:
-        key = _mix32(key ^ hi)
-    return key
+    return tl.where(hi != 0, _mix32(key ^ hi), key)
 
 
 @triton.jit

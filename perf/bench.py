@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import rmsprop_gpu  # noqa: E402
-from rmsprop_gpu.kernel_report import minimum_bytes  # noqa: E402
-from tests.oracle import reference_step  # noqa: E402
+from tools.kernel_report import minimum_bytes  # noqa: E402
+from tools.oracle import reference_step  # noqa: E402
 
 LR = 1e-3
 

@@ -260,7 +260,7 @@ def main(argv=None) -> int:
             plot(out / "bench.json")
 
     if "static_report" not in args.skip:  # the machine's Triton (3.6 on the GPU image) beside the committed one
-        r.stage("static_report", [py, "-m", "rmsprop_gpu.kernel_report", "--flag-sets", "defaults",
+        r.stage("static_report", [py, "-m", "tools.kernel_report", "--flag-sets", "defaults",
                                   "--json", str(out / "static_report.json")])
 
     if "hw_counters" not in args.skip and not args.dry_run:  # ncu, when installed: the static model on the card

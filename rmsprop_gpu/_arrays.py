@@ -42,3 +42,31 @@ def numel(x) -> int:
 
 def is_contiguous(x) -> bool:
     return x.is_contiguous() if isinstance(x, torch.Tensor) else bool(x.flags.c_contiguous)
+
+
+# ---- layouts: an elementwise update needs only that every tensor of a row walks memory in the same order
+def same_layout(x: torch.Tensor, shape, strides) -> bool:
+    """x is dense with these strides (dims of size 1 may have any stride): flat memory, element for element."""
+    if tuple(x.shape) != tuple(shape):
+        return False
+    if x.numel() <= 1:
+        return True
+    return all(a == b for n, a, b in zip(shape, x.stride(), strides) if n != 1)
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill numel consecutive slots in some order of dims."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense_strides(p: torch.Tensor):
+    """The layout every tensor of p's row must share: p's own strides when p is non-overlapping and dense
+    (contiguous, channels_last, transposed...), else contiguous (p then goes through a temporary)."""
+    if p.numel() <= 1 or is_dense(p):
+        return p.stride()
+    return torch.empty(p.shape, device="meta").stride()

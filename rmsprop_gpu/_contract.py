@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _arrays as arr
+from .quantize import q8_nbytes
 
 STATE_KEYS = ("square_avg", "momentum_buffer", "grad_avg")
 # a Group's tensor lists, in the order a plan confirms them (grads last: they alone move every step)
@@ -203,8 +204,6 @@ def _check_state(i: int, name: str, param, state, param_dtype: str) -> str:
 
 
 def _check_quantized_state(i: int, name: str, param, state, param_dtype: str) -> None:
-    from .quantize import q8_nbytes
-
     if param_dtype not in KERNEL_PARAM_DTYPES:
         raise ValueError(f"{name}[{i}] is 8-bit state (uint8), which float32 / float16 / bfloat16 params take; its "
                          f"param is {param_dtype}")

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from ._arrays import dense_strides
+
 Q8_MIN_NUMEL = 4096
 Q8_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Q8_BLOCK = 16
@@ -126,8 +128,6 @@ def encode(x: torch.Tensor, signed: bool, out: torch.Tensor | None = None,
 def kernel_order(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """t (shaped like `like`) flattened in the order the kernels walk `like`: its memory order when `like` is
     dense, else its logical order. A view of t when t shares that layout, else a copy."""
-    from .backends._tables import dense_strides
-
     if t.is_complex():
         t, like = torch.view_as_real(t), torch.view_as_real(like) if like.is_complex() else like
     strides = dense_strides(like)
@@ -137,8 +137,6 @@ def kernel_order(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def from_kernel_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The inverse of kernel_order: a tensor with like's shape (and its layout when dense) holding flat."""
-    from .backends._tables import dense_strides
-
     real = torch.view_as_real(like) if like.is_complex() else like
     out = torch.empty_strided(real.shape, dense_strides(real), dtype=flat.dtype, device=flat.device)
     kernel_order(out, real).copy_(flat)  # a view: out's layout is the kernel order

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from rmsprop_gpu import rmsprop, sass
+from rmsprop_gpu import rmsprop
 from rmsprop_gpu.backends import BACKENDS
 from rmsprop_gpu.backends._tables import BLOCK, build_tables
 from rmsprop_gpu.backends.triton_backend import constexprs
-from rmsprop_gpu.kernel_report import (
+from tools import sass
+from tools.kernel_report import (
     FLAG_SETS,
     ISSUE_BUDGET,
     KNOWN_SPILLS,
@@ -151,7 +152,7 @@ def test_tables_for_tensors_beyond_2_31_elements():
 def static_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # AOT needs the compiled kernel
-    res = subprocess.run([sys.executable, "-m", "rmsprop_gpu.kernel_report", "--json", str(out)], env=env,
+    res = subprocess.run([sys.executable, "-m", "tools.kernel_report", "--json", str(out)], env=env,
                          capture_output=True, text=True, timeout=900)
     print(res.stdout)
     assert out.exists(), res.stderr

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rmsprop_gpu import rmsprop
-from tests.oracle import reference_step
 from tests.tolerances import ORACLE
+from tools.oracle import reference_step
 
 BACKENDS = ["torch", "triton", "cupy"]
 LAYOUTS = [  # (param dtype, state dtype)

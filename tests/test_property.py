@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rmsprop_gpu import rmsprop
-from tests.oracle import reference_step
 from tests.tolerances import ORACLE
+from tools.oracle import reference_step
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

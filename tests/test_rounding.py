@@ -10,7 +10,7 @@ import torch
 
 import rmsprop_gpu
 from rmsprop_gpu import rmsprop
-from tests.oracle import mix32 as _mix32
+from tools.oracle import mix32 as _mix32
 
 BACKENDS = ["torch", "triton", "cupy"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -159,7 +159,7 @@ def test_the_stream_depends_on_seed_and_step_and_repeats_exactly(backend):
 def test_optimizer_with_16_bit_state_stays_within_one_spacing_of_float64(backend, variant):
     """Generic hyperparameters, every state in bf16: each stored value is one of the two bf16 neighbours of the
     float64 oracle's value (float32 math error aside), params and states alike."""
-    from tests.oracle import reference_step
+    from tools.oracle import reference_step
 
     gen = torch.Generator().manual_seed(3)
     p = torch.randn(5000, generator=gen).bfloat16()

@@ -11,9 +11,9 @@ import torch
 
 import rmsprop_gpu
 from rmsprop_gpu import quantize, rmsprop
-from tests.oracle import q8_decode, q8_encode, reference_step, stream_r16
 from tests.test_rounding import check_resume_is_bit_identical
 from tests.tolerances import ORACLE, Q8_CODES
+from tools.oracle import q8_decode, q8_encode, reference_step, stream_r16
 
 BACKENDS = ["torch", "triton", "cupy"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import _arrays as arr
+from .._arrays import dense_strides, same_layout
 from .._contract import KERNEL_PARAM_DTYPES as KERNEL_DTYPES
 from .._contract import Group, Hyper
 from .base import advance_steps
@@ -187,33 +188,6 @@ class HyperTable:
         self._upload(a, group, out=self.buffer)
         self.values, self.keep = values, keep
         self._stats.hyper_uploads += 1
-
-
-def same_layout(x: torch.Tensor, shape, strides) -> bool:
-    """x is dense with these strides (dims of size 1 may have any stride): flat memory, element for element."""
-    if tuple(x.shape) != tuple(shape):
-        return False
-    if x.numel() <= 1:
-        return True
-    return all(a == b for n, a, b in zip(shape, x.stride(), strides) if n != 1)
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: its elements fill numel consecutive slots in some order of dims."""
-    expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def dense_strides(p: torch.Tensor):
-    """The layout every tensor of p's row must share: p's own strides when p is non-overlapping and dense
-    (contiguous, channels_last, transposed...), else contiguous (p then goes through a temporary)."""
-    if p.numel() <= 1 or is_dense(p):
-        return p.stride()
-    return torch.empty(p.shape, device="meta").stride()
 
 
 # the table's address columns and the Group list each one comes from

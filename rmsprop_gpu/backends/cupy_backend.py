@@ -73,7 +73,7 @@ class KernelSpec(NamedTuple):
                 f"{str(self.momentum).lower()}, {str(self.centered).lower()}, {self.flags})\n")
 
 
-# One set of NVRTC options for the run-time build and the static report (rmsprop_gpu.kernel_report).
+# One set of NVRTC options for the run-time build and the static report (tools/kernel_report.py).
 # CuPy's RawModule appends -ftz=true after the caller's options (NVRTC takes the last), which would flush
 # subnormal params and state to zero where torch keeps them; so we call NVRTC ourselves with these.
 NVRTC_OPTIONS = ("-std=c++17", "-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=true")

@@ -12,8 +12,8 @@ import torch
 
 import rmsprop_gpu
 from tests.gpu.conftest import DRY_RUN, ON_CUDA
-from tests.oracle import reference_step
 from tests.tolerances import ORACLE, TORCH
+from tools.oracle import reference_step
 
 DEVICE = torch.device("cuda") if ON_CUDA else torch.device("cpu")
 KERNELS = ["triton", "cupy"]
@@ -519,8 +519,8 @@ def test_8_bit_state_on_device_against_the_quantizing_oracle(variant, pdt):
     import numpy as np
 
     from rmsprop_gpu import quantize
-    from tests.oracle import q8_decode, q8_encode, stream_r16
     from tests.tolerances import Q8_CODES
+    from tools.oracle import q8_decode, q8_encode, stream_r16
 
     opts = VARIANTS[variant]
     gen = torch.Generator().manual_seed(zlib.crc32(f"q8{variant}{pdt}".encode()))
