@@ -261,13 +261,13 @@ def flat_of(lists: dict) -> list:
 
 
 def flatten(lists: dict) -> tuple[list, dict]:
-    """Every tensor of these lists (Group list name -> list) in one list, and where each list is in it."""
-    flat, where = [], {}
+    """flat_of(lists), and where each list is in it."""
+    where, k = {}, 0
     for n in TENSOR_LISTS:
         if lists.get(n) is not None:
-            where[n] = take(range(len(flat), len(flat) + len(lists[n])))
-            flat += lists[n]
-    return flat, where
+            where[n] = take(range(k, k + len(lists[n])))
+            k += len(lists[n])
+    return flat_of(lists), where
 
 
 class Seen:
@@ -364,8 +364,6 @@ _structure_raw = itemgetter("momentum", "centered", "eps_in_sqrt", "capturable",
 _params_of = itemgetter("params")
 _lr_of = itemgetter("lr")
 _grad = attrgetter("grad")
-_stride = torch.Tensor.stride
-_is_contiguous = torch.Tensor.is_contiguous
 
 
 def _lr_kind(lr):
