@@ -353,17 +353,18 @@ class RMSprop(Optimizer):
             if per_call_views(t["params"]):
                 sp.cacheable = False  # the kernels see per-call views of these: check every step
             gathered.append((t, names))
-        for p, state in pending.items():  # every check passed: commit new state
-            self.state[p] = state
         for gi, (group, (t, names)) in enumerate(zip(self.param_groups, gathered)):  # watched from now on
             if gi in sp.reference:
                 sp.watch(group, [], [], [], ())
             else:
                 sp.watch(group, t["params"], t["idle"], t["dicts"], names)
-        sp.seal(self.state)
+        sp.locate()
         if checked:  # one launch per layout across param groups, confirmed each step against tensors()
             flat, _ = sp.tensors()
             sp.plan = Plan(checked, lists, flat, sp.where)
+        for p, state in pending.items():  # every check and table passed: commit new state
+            self.state[p] = state
+        sp.seal(self.state)
         return sp, lists
 
     def _run(self, plan: StepPlan, lists: dict, grad_scale, found_inf) -> None:

@@ -424,11 +424,9 @@ class StepPlan:
         self.active_dicts += dicts
         self.uses += [names] * len(active)
 
-    def seal(self, opt_state: dict) -> None:
-        """Record the optimizer's state dicts once they are committed (a replaced per-param dict, an entry added or
-        removed, is then seen by iterating dict values: no tensor hashing per step), and where each state list
-        is among the values of the params' state dicts (read in one pass per step)."""
-        self.state_dicts = list(opt_state.values())
+    def locate(self) -> None:
+        """Where each state list is among the values of the watched params' state dicts (read in one pass per
+        step); called once every group is watched."""
         positions: dict = {}
         k = 0
         for d, names in zip(self.active_dicts, self.uses):
@@ -440,6 +438,11 @@ class StepPlan:
         self.picks = {name: take(pos) for name, pos in positions.items()}
         self.where = {"params": take(range(n)), "grads": take(range(n, 2 * n)),
                       **{name: take([2 * n + i for i in pos]) for name, pos in positions.items()}}
+
+    def seal(self, opt_state: dict) -> None:
+        """Record the optimizer's state dicts once they are committed: a replaced per-param dict, an entry added or
+        removed, is then seen by iterating dict values (no tensor hashing per step)."""
+        self.state_dicts = list(opt_state.values())
 
     def tensors(self) -> tuple[list, dict]:
         """This step's tensors: every one the launches touch in one list (params, grads, then the values of the

@@ -523,3 +523,21 @@ def test_extra_state_entries_are_kept_and_do_not_confuse_the_plan(backend):
         b.step()
     assert all(torch.equal(x, y) for x, y in zip(pa, pb))
     assert a.state[pa[1]]["note"] == 1.5
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_a_step_whose_tables_fail_commits_no_state(backend, monkeypatch):
+    """New state is committed only after every check and every table of the plan (a table upload can refuse,
+    e.g. while a CUDA graph is captured)."""
+    b = REGISTRY[backend]
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no tables today")
+
+    monkeypatch.setattr(b, "prepare", refuse)
+    p = torch.randn(10)
+    p.grad = torch.randn(10)
+    opt = rmsprop_gpu.RMSprop([p], momentum=0.9, backend=backend)
+    with pytest.raises(RuntimeError, match="no tables today"):
+        opt.step()
+    assert len(opt.state) == 0 and opt._plan is None
