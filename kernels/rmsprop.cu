@@ -1,12 +1,12 @@
 // Fused multi-tensor RMSprop step in CUDA C, loaded by the CuPy backend with cupy.RawModule.
 //
-// Same contract as kernels/rmsprop.py (tables built by rmsprop_gpu/backends/_tables.py):
-//   tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel,
-//                           slot (low 32 bits) | random stream id (high 32)
-//   blocks:  int64 [B]    = (tensor << 32) | chunk; CUDA block b updates chunk * 2048 .. + 2048 of that tensor
-//   hyper:   int64 [S, 8] = per slot (param group): lr address (LR_ON_DEVICE), then as float32 columns 2..8:
-//                           lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize); as uint32
-//                           column 9: the stochastic-rounding seed
+// Same contract as kernels/rmsprop.py (rmsprop_gpu/abi.py; tables filled by rmsprop_gpu/backends/_tables.py):
+//   tensors: int64 [T, ROW]   = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel,
+//                               slot (bits 0-30) | step counter is float64 (bit 31) | random stream id (high 32)
+//   blocks:  int64 [B]        = (tensor << 32) | chunk; CUDA block b updates chunk * RMSPROP_BLOCK .. + RMSPROP_BLOCK
+//   hyper:   int64 [S, HYPER_ROW] = per slot (param group): lr address (LR_ON_DEVICE), then as float32 columns
+//                               H_LR..H_SIGN: lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize);
+//                               as uint32 column H_SEED: the stochastic-rounding seed
 // Launch with 128 threads per block (16 elements each per chunk: the per-chunk set-up, table lookups and
 // hyperparameters, is spread over twice as many elements as with 8). Dtypes, momentum/centered and the option flags are template parameters:
 // the loader instantiates one entry point per (layout, flags) with RMSPROP_KERNEL, so the hot loop tests no
@@ -23,12 +23,9 @@ typedef long long i64;
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-#define RMSPROP_BLOCK 2048
-#define RMSPROP_THREADS 128
-
-enum : int { MAXIMIZE = 1, WEIGHT_DECAY = 2, EPS_IN_SQRT = 4, LR_ON_DEVICE = 8, GRAD_SCALE = 16, FOUND_INF = 32,
-             LR_IN_MOMENTUM = 64, NESTEROV = 128, DECOUPLED_WD = 256, BIAS_CORRECTION = 512,
-             STOCHASTIC_ROUNDING = 1024, RUNTIME_FLAGS = -1 };
+// RMSPROP_BLOCK, RMSPROP_THREADS, the flag bits (MAXIMIZE ... STOCHASTIC_ROUNDING, RUNTIME_FLAGS), the tensor
+// table's columns (COL_*, ROW), the hyper table's (HYPER_ROW, H_*), SLOT_MASK and STEP_F64_BIT are generated from
+// rmsprop_gpu/abi.py and put before this text by the loader (cupy_backend.kernel_source) and the CPU test build.
 
 struct f16 { u16 bits; };
 struct bf16 { u16 bits; };
@@ -309,7 +306,10 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
     if ((bias || CLAMP_VAR) && var < 0.0f) var = 0.0f;
   }
   const float denom = (h.flags & EPS_IN_SQRT) ? __fsqrt_rn(var + h.eps) : __fsqrt_rn(var) + h.eps;
-  if (MOMENTUM && (h.flags & LR_IN_MOMENTUM)) {  // TF1 / Keras / optax: the buffer accumulates lr * g / d
+  if (MOMENTUM && (h.flags & RAW_GRAD_MOMENTUM)) {  // fastai: a momentum of raw grads, divided after
+    buf = h.momentum * buf + g;
+    p = p - h.lr * __fdiv_rn(buf, denom);
+  } else if (MOMENTUM && (h.flags & LR_IN_MOMENTUM)) {  // TF1 / Keras / optax: the buffer accumulates lr * g / d
     const float step = h.lr * __fdiv_rn(g, denom);
     buf = h.momentum * buf + step;
     p = p - ((h.flags & NESTEROV) ? step + h.momentum * buf : buf);
@@ -388,27 +388,28 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   const int f = FLAGS == RUNTIME_FLAGS ? flags : FLAGS;
   if ((f & FOUND_INF) && *found_inf_ptr != 0.0f) return;  // GradScaler's skip: write nothing
   const i64 info = blocks[blockIdx.x];
-  const i64* row = tensors + (info >> 32) * 8;
+  const i64* row = tensors + (info >> 32) * ROW;
   const i64 chunk = info & 0xFFFFFFFFll;
-  P* p = (P*)row[0];
-  const P* g = (const P*)row[1];
-  S* v = (S*)row[2];
-  S* b = MOMENTUM ? (S*)row[3] : nullptr;
-  S* a = CENTERED ? (S*)row[4] : nullptr;
-  float* step = (float*)row[5];
-  const i64 numel = row[6];
+  P* p = (P*)row[COL_P];
+  const P* g = (const P*)row[COL_G];
+  S* v = (S*)row[COL_V];
+  S* b = MOMENTUM ? (S*)row[COL_BUF] : nullptr;
+  S* a = CENTERED ? (S*)row[COL_GRAD_AVG] : nullptr;
+  float* step = (float*)row[COL_STEP];
+  const i64 numel = row[COL_NUMEL];
   // bits 0-30: the slot; bit 31: the step counter is float64 (it counts exactly past 2**24); high 32: the stream id
-  const i64* slot = hyper + (row[7] & 0x7FFFFFFFll) * 8;
-  const float* hv = (const float*)slot;  // float32 columns 2..8 of the slot
-  Hyper h = {(f & LR_ON_DEVICE) ? *(const float*)slot[0] : hv[2], hv[3], hv[4], hv[5], hv[6], hv[7], hv[8],
+  const i64* slot = hyper + (row[COL_SLOT] & SLOT_MASK) * HYPER_ROW;
+  const float* hv = (const float*)slot;  // the slot's float32 columns
+  Hyper h = {(f & LR_ON_DEVICE) ? *(const float*)slot[0] : hv[H_LR], hv[H_ALPHA], hv[H_ONE_MINUS_ALPHA], hv[H_EPS],
+             hv[H_WEIGHT_DECAY], hv[H_MOMENTUM], hv[H_SIGN],
              (f & GRAD_SCALE) ? *grad_scale_ptr : 1.0f, 1.0f, f};
   const bool sr = f & STOCHASTIC_ROUNDING;
   // the random stream of this tensor at this step: 16-bit stores with sr, 8-bit codes always (the host advances
   // the counter after the launch)
   const bool reads_step = sr || is_q8<S>::value || (f & BIAS_CORRECTION);
-  const long long count = !reads_step ? 0 : ((row[7] >> 31) & 1) ? (long long)*(const double*)step
+  const long long count = !reads_step ? 0 : ((row[COL_SLOT] >> STEP_F64_BIT) & 1) ? (long long)*(const double*)step
                                                                  : (long long)*step;
-  const u32 key = (sr || is_q8<S>::value) ? stream_key(((const u32*)slot)[9], count, (u32)(row[7] >> 32)) : 0u;
+  const u32 key = (sr || is_q8<S>::value) ? stream_key(((const u32*)slot)[H_SEED], count, (u32)(row[COL_SLOT] >> 32)) : 0u;
   if (f & BIAS_CORRECTION) {  // 1 / (1 - alpha^t), t = this step's count (the host advances it after)
     // past 2**30, alpha^t < 2**-90 for every float32 alpha < 1: 1 - alpha^t rounds to 1 as for the true t
     int e = (int)(count < (1ll << 30) ? count + 1 : (1ll << 30));

@@ -1,13 +1,10 @@
 """Fused multi-tensor RMSprop step in Triton: one launch updates every tensor of a group in one pass.
 
-Contract (shared with kernels/rmsprop.cu, built by rmsprop_gpu/backends/_tables.py):
-  tensors: int64 [T, 8] = p, g, square_avg, momentum_buffer, grad_avg, step (addresses; 0 = absent), numel,
-                          slot (low 32 bits) | random stream id (high 32)
-  blocks:  int64 [B]    = (tensor << 32) | chunk; program b updates chunk * BLOCK .. + BLOCK of that tensor
-  hyper:   int64 [S, 8] = per slot (param group): lr address (LR_ON_DEVICE), then as float32 columns 2..8:
-                          lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize)
+Contract (shared with kernels/rmsprop.cu, filled by rmsprop_gpu/backends/_tables.py): the tensor table, the block
+list and the hyper table of rmsprop_gpu/abi.py, whose constants (columns, flag bits) are this module's constexprs.
 Hyperparameters are values in the hyper table (a new lr/alpha/eps never compiles a new kernel); the switches
-that change what is read or computed are constexpr. Math is float32; stores round to nearest even.
+that change what is read or computed are the constexpr FLAGS (bits of abi.FLAGS) and the layout. Math is
+float32; stores round to nearest even.
 NATIVE_BF16 is False only under the interpreter (TRITON_INTERPRET=1), whose bf16 cast truncates.
 S_DTYPE uint8 is 8-bit blockwise state (state_bits=8): decoded and encoded per block of 16 elements
 (_update_chunk_q8; the format: rmsprop_gpu/quantize.py).
@@ -17,6 +14,42 @@ import os
 
 import triton
 import triton.language as tl
+
+from rmsprop_gpu import abi
+
+# the kernel ABI (rmsprop_gpu/abi.py) as constexprs: flag bits (a launch's FLAGS), table columns
+MAXIMIZE: tl.constexpr = tl.constexpr(abi.FLAGS["MAXIMIZE"])
+WEIGHT_DECAY: tl.constexpr = tl.constexpr(abi.FLAGS["WEIGHT_DECAY"])
+EPS_IN_SQRT: tl.constexpr = tl.constexpr(abi.FLAGS["EPS_IN_SQRT"])
+LR_ON_DEVICE: tl.constexpr = tl.constexpr(abi.FLAGS["LR_ON_DEVICE"])
+GRAD_SCALE: tl.constexpr = tl.constexpr(abi.FLAGS["GRAD_SCALE"])
+FOUND_INF: tl.constexpr = tl.constexpr(abi.FLAGS["FOUND_INF"])
+LR_IN_MOMENTUM: tl.constexpr = tl.constexpr(abi.FLAGS["LR_IN_MOMENTUM"])
+NESTEROV: tl.constexpr = tl.constexpr(abi.FLAGS["NESTEROV"])
+DECOUPLED_WD: tl.constexpr = tl.constexpr(abi.FLAGS["DECOUPLED_WD"])
+BIAS_CORRECTION: tl.constexpr = tl.constexpr(abi.FLAGS["BIAS_CORRECTION"])
+STOCHASTIC_ROUNDING: tl.constexpr = tl.constexpr(abi.FLAGS["STOCHASTIC_ROUNDING"])
+RAW_GRAD_MOMENTUM: tl.constexpr = tl.constexpr(abi.FLAGS["RAW_GRAD_MOMENTUM"])
+COL_P: tl.constexpr = tl.constexpr(abi.COL["P"])
+COL_G: tl.constexpr = tl.constexpr(abi.COL["G"])
+COL_V: tl.constexpr = tl.constexpr(abi.COL["V"])
+COL_BUF: tl.constexpr = tl.constexpr(abi.COL["BUF"])
+COL_GRAD_AVG: tl.constexpr = tl.constexpr(abi.COL["GRAD_AVG"])
+COL_STEP: tl.constexpr = tl.constexpr(abi.COL["STEP"])
+COL_NUMEL: tl.constexpr = tl.constexpr(abi.COL["NUMEL"])
+COL_SLOT: tl.constexpr = tl.constexpr(abi.COL["SLOT"])
+ROW: tl.constexpr = tl.constexpr(abi.ROW)
+HYPER_ROW: tl.constexpr = tl.constexpr(abi.HYPER_ROW)
+H_LR: tl.constexpr = tl.constexpr(abi.H["LR"])
+H_ALPHA: tl.constexpr = tl.constexpr(abi.H["ALPHA"])
+H_ONE_MINUS_ALPHA: tl.constexpr = tl.constexpr(abi.H["ONE_MINUS_ALPHA"])
+H_EPS: tl.constexpr = tl.constexpr(abi.H["EPS"])
+H_WEIGHT_DECAY: tl.constexpr = tl.constexpr(abi.H["WEIGHT_DECAY"])
+H_MOMENTUM: tl.constexpr = tl.constexpr(abi.H["MOMENTUM"])
+H_SIGN: tl.constexpr = tl.constexpr(abi.H["SIGN"])
+H_SEED: tl.constexpr = tl.constexpr(abi.H_SEED)
+SLOT_MASK: tl.constexpr = tl.constexpr(abi.SLOT_MASK)
+STEP_F64_BIT: tl.constexpr = tl.constexpr(abi.STEP_F64_BIT)
 
 
 def _interpreter_fma_rounds_twice() -> bool:
@@ -180,45 +213,47 @@ def _store(addr, start, offs, mask, x, DTYPE: tl.constexpr, ALIGNED: tl.constexp
 def _update(
     p, g, v, buf, ga,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
-    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
-    EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
-    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr,
     CLAMP_VAR: tl.constexpr = False,
 ):
     """The update of one tile in float32: returns the new p, v, buf, ga (buf/ga unchanged when not used).
     CLAMP_VAR: 8-bit state, whose v and grad_avg can cross (v - ga^2 < 0): clamped at 0."""
-    if GRAD_SCALE:
+    if GRAD_SCALE & FLAGS:
         g = tl.div_rn(g, grad_scale)  # exactly torch's unscale
-    if MAXIMIZE:  # per slot: sign is -1 for maximize, +1 otherwise (exact either way)
+    if MAXIMIZE & FLAGS:  # per slot: sign is -1 for maximize, +1 otherwise (exact either way)
         g = g * sign
-    if DECOUPLED_WD:  # Keras: p - p * wd * lr before the update (per slot; wd == 0 keeps p exactly)
+    if DECOUPLED_WD & FLAGS:  # Keras: p - p * wd * lr before the update (per slot; wd == 0 keeps p exactly)
         p = tl.where(weight_decay != 0.0, p - (p * weight_decay) * lr, p)
-    elif WEIGHT_DECAY:  # per slot: a slot without weight decay keeps g exactly (0 * inf would be NaN)
+    elif WEIGHT_DECAY & FLAGS:  # per slot: a slot without weight decay keeps g exactly (0 * inf would be NaN)
         g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)
     v = alpha * v + (one_minus_alpha * g) * g  # torch's addcmul order: g * g alone overflows above 1.8e19
     var = v
-    if BIAS_CORRECTION:  # optax: the averages / (1 - alpha^t)
+    if BIAS_CORRECTION & FLAGS:  # optax: the averages / (1 - alpha^t)
         var = v * inv_bc
     if CENTERED:
         ga = ga + one_minus_alpha * (g - ga)
         avg = ga
-        if BIAS_CORRECTION:
+        if BIAS_CORRECTION & FLAGS:
             avg = ga * inv_bc
-        if BIAS_CORRECTION or CLAMP_VAR:  # optax's subtraction (clamped below); 8-bit: inf is a NaN block anyway
+        if (BIAS_CORRECTION & FLAGS) or CLAMP_VAR:  # optax's subtraction (clamped below); 8-bit: inf is a NaN
+            # block anyway
             var = var - avg * avg
         else:  # torch's addcmul(value=-1) is an FMA: v = inf stays inf though avg^2 overflows
             var = _fma(-avg, avg, var)
-        if BIAS_CORRECTION or CLAMP_VAR:  # negative by rounding at step 1 (optax: NaN), or by quantization
+        if (BIAS_CORRECTION & FLAGS) or CLAMP_VAR:  # negative by rounding at step 1 (optax: NaN), or by quantization
             var = tl.where(var < 0.0, 0.0, var)
-    if EPS_IN_SQRT:
+    if EPS_IN_SQRT & FLAGS:
         denom = tl.sqrt_rn(var + eps)
     else:
         denom = tl.sqrt_rn(var) + eps
     if MOMENTUM:
-        if LR_IN_MOMENTUM:  # TF1 / Keras / optax: the buffer accumulates lr * g / d
+        if RAW_GRAD_MOMENTUM & FLAGS:  # fastai: a momentum of raw grads, divided after
+            buf = momentum * buf + g
+            p = p - lr * tl.div_rn(buf, denom)
+        elif LR_IN_MOMENTUM & FLAGS:  # TF1 / Keras / optax: the buffer accumulates lr * g / d
             step = lr * tl.div_rn(g, denom)
             buf = momentum * buf + step
-            if NESTEROV:  # optax: lr * g / d + momentum * buf
+            if NESTEROV & FLAGS:  # optax: lr * g / d + momentum * buf
                 p = p - (step + momentum * buf)
             else:
                 p = p - buf
@@ -254,9 +289,7 @@ def _update_chunk(
     p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
-    EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
-    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr,
     SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The chunk as two tiles of BLOCK / 2: every load of both first (one memory wave), then the math and stores
@@ -288,13 +321,11 @@ def _update_chunk(
     p1 = _load(p_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
     g1 = _load(g_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
     p0, v0, b0, a0 = _update(p0, g0, v0, b0, a0, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
-                             grad_scale, inv_bc, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                             LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION)
+                             grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS)
     _store_tile(p0, v0, b0, a0, p_addr, v_addr, b_addr, a_addr, start, offs, m0, key, P_DTYPE, S_DTYPE, MOMENTUM,
                 CENTERED, SR, FULL_ALIGNED, NATIVE_BF16)
     p1, v1, b1, a1 = _update(p1, g1, v1, b1, a1, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
-                             grad_scale, inv_bc, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                             LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION)
+                             grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS)
     _store_tile(p1, v1, b1, a1, p_addr, v_addr, b_addr, a_addr, s1, offs, m1, key, P_DTYPE, S_DTYPE, MOMENTUM,
                 CENTERED, SR, FULL_ALIGNED, NATIVE_BF16)
 
@@ -304,9 +335,7 @@ def _update_tile_q8(
     p, g, vc, vs, bc, bs, ac, as_, p_addr, v_addr, b_addr, a_addr, start, n16, rows, offs, mask, code_mask, row_mask,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
     P_DTYPE: tl.constexpr,
-    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
-    EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
-    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr,
     SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
 ):
     """Decode a loaded tile, the float32 update, encode each row (block) with its new scale, store. Padding past
@@ -322,8 +351,7 @@ def _update_tile_q8(
     if CENTERED:
         v = v + a * a
     p, v, b, a = _update(p, g, v, b, a, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
-                         grad_scale, inv_bc, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                         LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, True)
+                         grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS, True)
     if CENTERED:
         v = v - a * a
         v = tl.where(v < 0.0, 0.0, v)
@@ -348,9 +376,7 @@ def _update_chunk_q8(
     p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
     P_DTYPE: tl.constexpr,
-    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
-    EPS_IN_SQRT: tl.constexpr, GRAD_SCALE: tl.constexpr,
-    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr,
     SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The chunk with 8-bit state as two [BLOCK / 32, 16] tiles, row r of a tile being one quantization block:
@@ -384,69 +410,65 @@ def _update_chunk_q8(
     g1 = _load(g_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
     _update_tile_q8(p0, g0, vc0, vs0, bc0, bs0, ac0, as0, p_addr, v_addr, b_addr, a_addr, start, n16, rows,
                     offs, m0, c0, r0, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
-                    inv_bc, key, P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                    LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, SR, FULL_ALIGNED, NATIVE_BF16)
+                    inv_bc, key, P_DTYPE, MOMENTUM, CENTERED, FLAGS, SR, FULL_ALIGNED, NATIVE_BF16)
     _update_tile_q8(p1, g1, vc1, vs1, bc1, bs1, ac1, as1, p_addr, v_addr, b_addr, a_addr, s1, n16, rows,
                     offs, m1, c1, r1, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
-                    inv_bc, key, P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                    LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, SR, FULL_ALIGNED, NATIVE_BF16)
+                    inv_bc, key, P_DTYPE, MOMENTUM, CENTERED, FLAGS, SR, FULL_ALIGNED, NATIVE_BF16)
 
 
 @triton.jit
 def _rmsprop_kernel(
     tensors, blocks, hyper_ptrs, hyper_vals, grad_scale_ptr, found_inf_ptr,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
-    EPS_IN_SQRT: tl.constexpr, LR_ON_DEVICE: tl.constexpr, GRAD_SCALE: tl.constexpr, FOUND_INF: tl.constexpr,
-    LR_IN_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED_WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-    STOCHASTIC_ROUNDING: tl.constexpr, NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr, NATIVE_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     found = 0.0
-    if FOUND_INF:
+    if FOUND_INF & FLAGS:
         found = tl.load(found_inf_ptr)
     if found == 0.0:  # a step with inf/NaN grads writes nothing (GradScaler's skip)
         info = tl.load(blocks + tl.program_id(0))
-        row = tensors + (info >> 32) * 8
+        row = tensors + (info >> 32) * ROW
         chunk = info & 0xFFFFFFFF
-        p_addr = tl.load(row + 0)
-        g_addr = tl.load(row + 1)
-        v_addr = tl.load(row + 2)
-        b_addr = tl.load(row + 3)
-        a_addr = tl.load(row + 4)
-        step_addr = tl.load(row + 5)
-        numel = tl.load(row + 6)
+        p_addr = tl.load(row + COL_P)
+        g_addr = tl.load(row + COL_G)
+        v_addr = tl.load(row + COL_V)
+        b_addr = tl.load(row + COL_BUF)
+        a_addr = tl.load(row + COL_GRAD_AVG)
+        step_addr = tl.load(row + COL_STEP)
+        numel = tl.load(row + COL_NUMEL)
         # bits 0-30: the slot; bit 31: the step counter is float64 (it counts exactly past 2**24); high 32: the
         # tensor's random stream id
-        slot_stream = tl.load(row + 7)
-        slot = slot_stream & 0x7FFFFFFF
-        h = hyper_vals + slot * 16  # float32 columns of this tensor's slot
-        if LR_ON_DEVICE:
-            lr = tl.load(tl.load(hyper_ptrs + slot * 8).to(tl.pointer_type(tl.float32)))
+        slot_stream = tl.load(row + COL_SLOT)
+        slot = slot_stream & SLOT_MASK
+        h = hyper_vals + slot * (2 * HYPER_ROW)  # float32 columns of this tensor's slot
+        if LR_ON_DEVICE & FLAGS:
+            lr = tl.load(tl.load(hyper_ptrs + slot * HYPER_ROW).to(tl.pointer_type(tl.float32)))
         else:
-            lr = tl.load(h + 2)
-        alpha = tl.load(h + 3)
-        one_minus_alpha = tl.load(h + 4)
-        eps = tl.load(h + 5)
-        weight_decay = tl.load(h + 6)
-        momentum = tl.load(h + 7)
-        sign = tl.load(h + 8)
+            lr = tl.load(h + H_LR)
+        alpha = tl.load(h + H_ALPHA)
+        one_minus_alpha = tl.load(h + H_ONE_MINUS_ALPHA)
+        eps = tl.load(h + H_EPS)
+        weight_decay = tl.load(h + H_WEIGHT_DECAY)
+        momentum = tl.load(h + H_MOMENTUM)
+        sign = tl.load(h + H_SIGN)
         start = chunk * BLOCK  # int64: tensors beyond 2**31 elements are fine
         grad_scale = 1.0
-        if GRAD_SCALE:
+        if GRAD_SCALE & FLAGS:
             grad_scale = tl.load(grad_scale_ptr)
         key = tl.full((), 0, tl.uint32)
         count = tl.full((), 0, tl.int64)
-        if STOCHASTIC_ROUNDING or BIAS_CORRECTION or (tl.uint8 == S_DTYPE):  # this step's count (the host
+        if ((STOCHASTIC_ROUNDING | BIAS_CORRECTION) & FLAGS) or (tl.uint8 == S_DTYPE):  # this step's count (the host
             # advances the counter after the launch)
-            if ((slot_stream >> 31) & 1) == 1:
+            if ((slot_stream >> STEP_F64_BIT) & 1) == 1:
                 count = tl.load(step_addr.to(tl.pointer_type(tl.float64))).to(tl.int64)
             else:
                 count = tl.load(step_addr.to(tl.pointer_type(tl.float32))).to(tl.int64)
-        if STOCHASTIC_ROUNDING or (tl.uint8 == S_DTYPE):  # the random stream of this tensor at this step (16-bit
-            # stores with SR, 8-bit codes always)
-            key = _stream_key(tl.load(h + 9).to(tl.uint32, bitcast=True), count, (slot_stream >> 32).to(tl.uint32))
+        if (STOCHASTIC_ROUNDING & FLAGS) or (tl.uint8 == S_DTYPE):  # the random stream of this tensor at this
+            # step (16-bit stores with SR, 8-bit codes always)
+            key = _stream_key(tl.load(h + H_SEED).to(tl.uint32, bitcast=True), count, (slot_stream >> 32).to(tl.uint32))
         inv_bc = 1.0
-        if BIAS_CORRECTION:  # 1 / (1 - alpha^t), t = this step's count
+        if BIAS_CORRECTION & FLAGS:  # 1 / (1 - alpha^t), t = this step's count
             # past 2**30, alpha^t < 2**-90 for every float32 alpha < 1: 1 - alpha^t rounds to 1 as for the true t
             e = tl.minimum(count + 1, 1 << 30).to(tl.int32)
             base = alpha * 1.0
@@ -461,28 +483,24 @@ def _rmsprop_kernel(
             if aligned and (start + BLOCK <= numel):
                 _update_chunk_q8(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
                                  lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
-                                 key, P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                                 LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING, True,
+                                 key, P_DTYPE, MOMENTUM, CENTERED, FLAGS, STOCHASTIC_ROUNDING & FLAGS, True,
                                  NATIVE_BF16, BLOCK)
             else:
                 _update_chunk_q8(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
                                  lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
-                                 key, P_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                                 LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING, False,
+                                 key, P_DTYPE, MOMENTUM, CENTERED, FLAGS, STOCHASTIC_ROUNDING & FLAGS, False,
                                  NATIVE_BF16, BLOCK)
         elif aligned and (start + BLOCK <= numel):
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
                           lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
-                          P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING, True,
+                          P_DTYPE, S_DTYPE, MOMENTUM, CENTERED, FLAGS, STOCHASTIC_ROUNDING & FLAGS, True,
                           NATIVE_BF16, BLOCK)
         else:
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
                           lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
-                          P_DTYPE, S_DTYPE, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, CENTERED, EPS_IN_SQRT, GRAD_SCALE,
-                          LR_IN_MOMENTUM, NESTEROV, DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING, False,
+                          P_DTYPE, S_DTYPE, MOMENTUM, CENTERED, FLAGS, STOCHASTIC_ROUNDING & FLAGS, False,
                           NATIVE_BF16, BLOCK)
-        if not (BIAS_CORRECTION or STOCHASTIC_ROUNDING or (tl.uint8 == S_DTYPE)):  # noqa: SIM102  (constexpr;
+        if not (((BIAS_CORRECTION | STOCHASTIC_ROUNDING) & FLAGS) or (tl.uint8 == S_DTYPE)):  # noqa: SIM102  (constexpr;
             # else the host advances the counters)
             if (chunk == 0) and (step_addr != 0):
                 sp = step_addr.to(tl.pointer_type(tl.float32))

@@ -61,7 +61,7 @@ def train(device):
         loss.backward()
         opt.step()
         first = first if first is not None else loss.item()
-    backend = rmsprop_gpu.which_backend(model.parameters())[0]
+    backend = rmsprop_gpu.which_backend(model.parameters())[0].backend
     print(f"  trained a 2-layer MLP for 200 steps on {device} with backend '{backend}': "
           f"loss {first:.4f} -> {loss.item():.4f}")
     return loss.item() < first

@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from . import _arrays as arr
+from .options import Hyper
 from .quantize import q8_nbytes
 
 STATE_KEYS = ("square_avg", "momentum_buffer", "grad_avg")
@@ -23,30 +24,6 @@ FLOAT32_MAX = 3.4028234663852886e38
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 SIXTEEN_BIT = ("float16", "bfloat16")
 KERNEL_PARAM_DTYPES = ("float32", "float16", "bfloat16")
-
-
-class Hyper(NamedTuple):
-    """Hyperparameters and switches of one step (runtime values; none of them selects a kernel). A NamedTuple:
-    immutable, and cheap to make every step when a scheduler changes lr."""
-
-    lr: float | torch.Tensor
-    alpha: float
-    eps: float
-    weight_decay: float
-    momentum: float
-    centered: bool
-    maximize: bool
-    eps_in_sqrt: bool
-    capturable: bool = False
-    grad_scale: Any = None  # device scalar: grads are divided by it (GradScaler hands it over)
-    found_inf: Any = None  # device scalar: nonzero skips the whole update, steps included
-    # other frameworks' semantics (RMSprop.keras / .tf1 / .optax); all False is torch's
-    lr_in_momentum: bool = False  # buf = m*buf + lr*g/d; p -= buf (TF1, Keras, optax) instead of p -= lr*buf
-    nesterov: bool = False  # p -= lr*g/d + m*buf (optax's nesterov trace); needs lr_in_momentum
-    decoupled_weight_decay: bool = False  # p -= p*wd*lr before the update (Keras) instead of g += wd*p
-    bias_correction: bool = False  # v / (1 - alpha^t) and grad_avg / (1 - alpha^t) (optax); torch backend
-    stochastic_rounding: bool = False  # 16-bit stores round stochastically (unbiased), from a seeded stream
-    sr_seed: int = 0  # the stream's seed (uint32), per param group
 
 
 @dataclass
@@ -155,13 +132,6 @@ def validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, read_ten
     for name, v in (("epsilon value", eps), ("momentum value", momentum), ("weight_decay value", weight_decay),
                     ("alpha value", alpha)):
         _check_nonneg(name, _number(name, v))
-
-
-def kernel_reads_steps(bias_correction: bool, stochastic_rounding: bool, eight_bit: bool) -> bool:
-    """Whether the kernels read a param's step counter (float64, on the param's device; the host advances it
-    after the launch): bias correction, the stochastic rounding stream, 8-bit state's stochastic codes. float64
-    counts every step exactly (float32 stops at 2**24, and the random streams would repeat from there)."""
-    return bool(bias_correction or stochastic_rounding or eight_bit)
 
 
 def check_float32_range(hyper: Hyper) -> None:

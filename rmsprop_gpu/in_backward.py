@@ -16,15 +16,59 @@ as its grad, so each rank updates its own shards as they arrive and frees their 
 With accumulation_steps=k the update runs on every k-th backward (grads accumulate in between, as usual).
 Each bucket runs through a plan cached per bucket (buckets repeat from step to step), which confirms every
 tensor as the optimizer's step does, so a bucket step costs what a step of the optimizer costs.
+
+Gradient clipping cannot work here: a global norm needs every grad before any update, and the grads are gone
+when backward returns (torch.nn.utils.clip_grad_norm_ would find none and clip nothing). So clipping is refused:
+torch.nn.utils.clip_grad_norm_ / clip_grad_value_ raise for params of an in_backward optimizer instead of
+returning 0 (SB3's A2C / PPO and the HF Trainer clip by default: use in_backward=False there, or turn their
+clipping off, e.g. HF's max_grad_norm=0).
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 
 from .plan import LRU
+
+# id(param) -> (param, its InBackward), both weakly: torch's clipping refuses the params of a live in_backward
+# optimizer
+_NO_CLIPPING: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _owned(p) -> bool:
+    refs = _NO_CLIPPING.get(id(p))
+    return refs is not None and refs[0]() is p and refs[1]() is not None
+
+
+def _guard_clipping() -> None:
+    """Wrap torch.nn.utils' clip_grad_norm_ / clip_grad_value_ (once per process) so that they raise for params
+    whose grads an in_backward optimizer frees during backward, instead of silently clipping nothing."""
+    import torch.nn.utils as utils
+    import torch.nn.utils.clip_grad as clip_grad
+
+    for name in ("clip_grad_norm_", "clip_grad_norm", "clip_grad_value_"):
+        orig = getattr(clip_grad, name, None)
+        if orig is None or getattr(orig, "rmsprop_gpu_guard", False):
+            continue
+
+        @functools.wraps(orig)
+        def guarded(parameters, *args, _orig=orig, _name=name, **kwargs):
+            params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            if _NO_CLIPPING and any(map(_owned, params)):
+                raise RuntimeError(
+                    f"torch.nn.utils.{_name}: these params belong to an RMSprop(in_backward=True), which updates them "
+                    "during backward and frees their grads, so clipping would see no grads and clip nothing. "
+                    "Clipping needs every grad before any update: use in_backward=False, or turn clipping off (SB3: "
+                    "use in_backward=False; HF Trainer: max_grad_norm=0)")
+            return _orig(params, *args, **kwargs)
+
+        guarded.rmsprop_gpu_guard = True
+        setattr(clip_grad, name, guarded)
+        if getattr(utils, name, None) is orig:
+            setattr(utils, name, guarded)
 
 
 class InBackward:
@@ -51,6 +95,11 @@ class InBackward:
 
     def attach(self, params) -> None:
         """Hooks on the params that train now; the others get theirs when they start training (adopt())."""
+        _guard_clipping()
+        params = list(params)
+        for p in params:
+            key = id(p)
+            _NO_CLIPPING[key] = (weakref.ref(p, lambda _, k=key: _NO_CLIPPING.pop(k, None)), weakref.ref(self))
         if self.ddp is not None:
             return
         ref = self._opt

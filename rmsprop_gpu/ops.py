@@ -18,9 +18,10 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from . import options
 from ._contract import validate_hyperparameters
 from .functional import run_planned
-from .plan import LRU, make_hyper, per_call_views
+from .plan import LRU, per_call_views
 
 # plans by the structure of a call (options, stream ids, list lengths). They hold no tensor: under aot_eager each
 # call gets fresh copies of the params and state, and the plan re-points its tables at them (same layouts) or is
@@ -33,23 +34,21 @@ _PLANS = LRU(16)
 def rmsprop_(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor], grad_avgs: List[Tensor],
              momentum_buffers: List[Tensor], state_steps: List[Tensor], lr: float, lr_tensor: Optional[Tensor],
              alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool, maximize: bool,
-             eps_in_sqrt: bool, capturable: bool, backend: str, grad_scale: Optional[Tensor],
-             found_inf: Optional[Tensor], lr_in_momentum: bool = False, nesterov: bool = False,
-             decoupled_weight_decay: bool = False, bias_correction: bool = False, stochastic_rounding: bool = False,
-             sr_seed: int = 0, stream_ids: Optional[List[int]] = None) -> None:
-    """One fused RMSprop step over these lists (empty grad_avgs / momentum_buffers when not used); stream_ids:
-    each param's random stream (the optimizer's positions; default: positions in these lists)."""
+             capturable: bool, backend: str, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+             switches: int = 0, sr_seed: int = 0, stream_ids: Optional[List[int]] = None) -> None:
+    """One fused RMSprop step over these lists (empty grad_avgs / momentum_buffers when not used); switches: the
+    flag bits of the options table's switches that are on (rmsprop_gpu.options.switch_bits); stream_ids: each
+    param's random stream (the optimizer's positions; default: positions in these lists)."""
     if not params:
         return
-    switches = (lr_in_momentum, nesterov, decoupled_weight_decay, bias_correction, stochastic_rounding)
     lr = lr_tensor if lr_tensor is not None else lr
     validate_hyperparameters(lr, alpha, eps, weight_decay, momentum, read_tensor_lr=not capturable)
-    hyper = make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable,
-                       grad_scale, found_inf, *switches, sr_seed)
+    hyper = options.make(lr, alpha, eps, weight_decay, momentum, centered, maximize, capturable, grad_scale,
+                         found_inf, sr_seed, switches)
     lists = {"params": list(params), "grads": list(grads), "square_avgs": list(square_avgs),
              "momentum_buffers": list(momentum_buffers) or None, "grad_avgs": list(grad_avgs) or None,
              "steps": list(state_steps) or None}
-    key = (len(params), momentum > 0, centered, eps_in_sqrt, capturable, backend, switches,
+    key = (len(params), momentum > 0, centered, capturable, backend, switches,
            None if stream_ids is None else tuple(stream_ids))
     plan = None if per_call_views(params) else _PLANS.get(key)
     _PLANS.put(key, run_planned(plan, lists, hyper, None, backend or None, stream_ids))
@@ -57,7 +56,6 @@ def rmsprop_(params: List[Tensor], grads: List[Tensor], square_avgs: List[Tensor
 
 @rmsprop_.register_fake
 def _(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, lr_tensor, alpha, eps,
-      weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable, backend, grad_scale, found_inf,
-      lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False, bias_correction=False,
-      stochastic_rounding=False, sr_seed=0, stream_ids=None):
+      weight_decay, momentum, centered, maximize, capturable, backend, grad_scale, found_inf, switches=0, sr_seed=0,
+      stream_ids=None):
     return None  # in place only: no outputs, no metadata change

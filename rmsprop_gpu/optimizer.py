@@ -16,20 +16,17 @@ try:
 except ImportError:  # pragma: no cover - older torch
     from torch.autograd.profiler import record_function as _record_function
 
-from . import backends, quantize
-from ._contract import STATE_KEYS, check_float32_range, kernel_reads_steps, validate_hyperparameters
+from . import backends, options, quantize
+from ._contract import STATE_KEYS, check_float32_range, validate_hyperparameters
 from .functional import run_planned
 from .in_backward import InBackward
-from .plan import SWITCHES, Plan, StepPlan, check_groups, check_sr_seed, make_hyper, per_call_views, structure
+from .plan import Plan, StepPlan, check_groups, per_call_views, structure
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
-# options torch.optim.RMSprop does not have (a torch checkpoint lacks them)
-_EXTENSION_KEYS = ("eps_in_sqrt", "state_dtype", "backend", "initial_accumulator_value", *SWITCHES, "sr_seed",
-                   "state_bits")
-# values a step reads besides lr (compared by identity: a tensor lr must not be compared by value on the host)
+# values a step reads besides lr (compared by identity: a tensor lr must not be compared by value on the host);
+# a change of anything structural re-plans first
 _lr_of = itemgetter("lr")
-_hyper_values = itemgetter("alpha", "eps", "weight_decay", "momentum", "centered", "maximize", "eps_in_sqrt",
-                           "capturable", "sr_seed")
+_hyper_values = itemgetter(*(o.name for o in options.OPTIONS if o.kind == options.VALUE and o.name != "lr"))
 
 
 def _with_step_hooks(step):
@@ -63,19 +60,11 @@ def _with_step_hooks(step):
 class RMSprop(Optimizer):
     """torch.optim.RMSprop's arguments, defaults, validation, state keys and state_dict, fused.
 
-    Keyword-only extensions:
-      eps_in_sqrt: divide by sqrt(v + eps) (TF1/Keras/optax, the seed formula) instead of sqrt(v) + eps.
-      state_dtype: torch.float32 keeps square_avg / momentum_buffer / grad_avg in float32 for fp16/bf16
-                   params (default None: the param's dtype, as torch does).
-      backend:     "auto" (default, or $RMSPROP_GPU_BACKEND), "triton", "cupy" or "torch".
-      stochastic_rounding: 16-bit params and state (fp16, bf16) round stochastically on store (unbiased: small
-                   updates survive in expectation), from a counter-based stream of (sr_seed, step, tensor,
-                   element): reproducible per seed and step. sr_seed: an integer in [0, 2**32), per param group.
-      state_bits:  8 keeps square_avg / momentum_buffer / grad_avg as 8-bit codes with a scale per block of 16
-                   elements (rmsprop_gpu/quantize.py: 1.0625 bytes per element instead of 4), updated in the same
-                   single pass; tensors under 4096 elements keep 32-bit state. state_dict() holds the uint8
-                   tensors; load_state_dict() converts float state (e.g. torch's) to 8-bit and back as the group
-                   asks, and rmsprop_gpu.float_state_dict(opt) gives a state_dict torch.optim.RMSprop loads.
+    Keyword-only extensions (**ours): the options table's (rmsprop_gpu/options.py; README "Options"): eps inside
+    the root, float32 state for 16-bit params, the backend, stochastic rounding and its seed, 8-bit state (codes
+    with a scale per block of 16 elements, rmsprop_gpu/quantize.py; rmsprop_gpu.float_state_dict(opt) gives a
+    state_dict torch.optim.RMSprop loads), the start value of square_avg and the other frameworks' switches (the
+    classes of rmsprop_gpu/flavors.py set them).
       in_backward: update during loss.backward() (rmsprop_gpu/in_backward.py): params are stepped in buckets of
                    about bucket_mb as their grads arrive, and their grads released; step() then does nothing.
                    accumulation_steps=k updates on every k-th backward.
@@ -89,79 +78,47 @@ class RMSprop(Optimizer):
     _step_supports_amp_scaling = True  # GradScaler hands grad_scale/found_inf to step(): unscale+skip in-kernel
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False, *,
-                 eps_in_sqrt=False, state_dtype=None, backend=None, in_backward=False, bucket_mb=25,
-                 accumulation_steps=1, initial_accumulator_value=0.0, lr_in_momentum=False, nesterov=False,
-                 decoupled_weight_decay=False, bias_correction=False, stochastic_rounding=False, sr_seed=0,
-                 state_bits=32):
+                 capturable=False, foreach=None, maximize=False, differentiable=False, *, in_backward=False,
+                 bucket_mb=25, accumulation_steps=1, **ours):
         validate_hyperparameters(lr, alpha, eps, weight_decay, momentum)
-        if not 0.0 <= float(initial_accumulator_value) < float("inf"):
-            raise ValueError(f"Invalid initial_accumulator_value: {initial_accumulator_value}")
-        if nesterov and not (momentum > 0 and lr_in_momentum):
-            raise ValueError("nesterov=True needs momentum > 0 and lr_in_momentum=True (optax's trace)")
-        switches = dict(lr_in_momentum=bool(lr_in_momentum), nesterov=bool(nesterov),
-                        decoupled_weight_decay=bool(decoupled_weight_decay), bias_correction=bool(bias_correction),
-                        stochastic_rounding=bool(stochastic_rounding))
-        if differentiable and (any(switches.values()) or initial_accumulator_value):
-            raise ValueError("differentiable=True runs torch's own step: no other frameworks' switches or "
-                             "stochastic rounding")
-        check_sr_seed(sr_seed)
+        ours = options.accept(ours, options.EXTENSIONS, f"{type(self).__name__}()")
+        defaults = {**options.GROUP_DEFAULTS, "lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay,
+                    "momentum": momentum, "centered": centered, "capturable": capturable, "foreach": foreach,
+                    "maximize": maximize, "differentiable": differentiable, **ours}
+        options.refuse_combinations(defaults)
         if in_backward and differentiable:
             raise ValueError("in_backward=True cannot be differentiable: the update runs inside backward")
-        if differentiable and eps_in_sqrt:
-            raise ValueError("differentiable=True runs torch's own step, which has no eps_in_sqrt")
-        if isinstance(state_bits, bool) or state_bits not in (8, 32):
-            raise ValueError(f"state_bits must be 32 (float state) or 8 (8-bit blockwise state), got {state_bits!r}")
-        if state_bits == 8 and differentiable:
-            raise ValueError("differentiable=True runs torch's own step, which keeps float state: no state_bits=8")
-        if state_dtype not in (None, torch.float32):
-            raise ValueError(f"state_dtype must be None (the param's dtype) or torch.float32, got {state_dtype}")
-        backends.requested_name(backend)  # unknown names fail here, not at the first step
-        defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
-                        weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
-                        differentiable=differentiable, eps_in_sqrt=eps_in_sqrt, state_dtype=state_dtype,
-                        backend=backend, initial_accumulator_value=float(initial_accumulator_value), **switches,
-                        sr_seed=sr_seed, state_bits=int(state_bits))
+        backends.requested_name(defaults["backend"])  # unknown names fail here, not at the first step
         self._in_backward = InBackward(self, bucket_mb, accumulation_steps) if in_backward else None
         super().__init__(params, defaults)
 
-    # ---- other frameworks' RMSprop, in their own argument names and defaults (README: "Other frameworks")
+    # ---- other frameworks' RMSprop, in their own argument names and defaults: rmsprop_gpu/flavors.py's classes
     @classmethod
-    def keras(cls, params, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False,
-              weight_decay=None, **ours) -> RMSprop:
-        """Keras 3's RMSprop: eps inside the root, lr inside the momentum buffer, decoupled weight decay
-        (p -= p * wd * lr before the update). ours: this class's own keywords (backend, state_dtype, ...)."""
-        return cls(params, lr=learning_rate, alpha=rho, eps=epsilon, momentum=momentum, centered=centered,
-                   weight_decay=0.0 if weight_decay is None else weight_decay, decoupled_weight_decay=True,
-                   eps_in_sqrt=True, lr_in_momentum=True, **ours)
+    def keras(cls, params, *args, **kwargs) -> RMSprop:
+        """Keras 3's RMSprop: rmsprop_gpu.flavors.KerasRMSprop (learning_rate, rho, ...)."""
+        from .flavors import KerasRMSprop
+
+        return KerasRMSprop(params, *args, **kwargs)
 
     @classmethod
-    def tf1(cls, params, learning_rate, decay=0.9, momentum=0.0, epsilon=1e-10, centered=False, **ours) -> RMSprop:
-        """TF1's tf.train.RMSPropOptimizer: the squared average starts at 1, eps inside the root, lr inside the
-        momentum buffer (mom = momentum * mom + lr * g / sqrt(ms + eps); var -= mom)."""
-        return cls(params, lr=learning_rate, alpha=decay, eps=epsilon, momentum=momentum, centered=centered,
-                   eps_in_sqrt=True, lr_in_momentum=True, initial_accumulator_value=1.0, **ours)
+    def tf1(cls, params, *args, **kwargs) -> RMSprop:
+        """TF1's RMSPropOptimizer: rmsprop_gpu.flavors.TF1RMSprop (learning_rate, decay, ...)."""
+        from .flavors import TF1RMSprop
+
+        return TF1RMSprop(params, *args, **kwargs)
 
     @classmethod
-    def optax(cls, params, learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True,
-              centered=False, momentum=None, nesterov=False, bias_correction=False, **ours) -> RMSprop:
-        """optax.rmsprop: scale_by_rms (or scale_by_stddev when centered) with initial_scale, eps placement and
-        bias correction, then -lr, then a momentum trace (nesterov optional). bias_correction runs on the torch
-        backend (the kernels refuse it)."""
-        if nesterov and momentum is None:
-            raise ValueError("nesterov=True needs a momentum (optax applies no trace when momentum is None)")
-        return cls(params, lr=learning_rate, alpha=decay, eps=eps, momentum=0.0 if momentum is None else momentum,
-                   centered=centered, eps_in_sqrt=eps_in_sqrt, lr_in_momentum=True, nesterov=nesterov,
-                   bias_correction=bias_correction, initial_accumulator_value=initial_scale, **ours)
+    def optax(cls, params, *args, **kwargs) -> RMSprop:
+        """optax.rmsprop: rmsprop_gpu.flavors.OptaxRMSprop (learning_rate, decay, ...)."""
+        from .flavors import OptaxRMSprop
+
+        return OptaxRMSprop(params, *args, **kwargs)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._plan = None
-        for group in self.param_groups:
-            for key, default in (("momentum", 0), ("centered", False), ("foreach", None), ("maximize", False),
-                                 ("differentiable", False), ("capturable", False), ("eps_in_sqrt", False),
-                                 ("state_dtype", None), ("backend", None), ("initial_accumulator_value", 0.0),
-                                 ("sr_seed", 0), ("state_bits", 32), *((k, False) for k in SWITCHES)):
+        for group in self.param_groups:  # a pickle from an older version: the options it lacks take defaults
+            for key, default in options.GROUP_DEFAULTS.items():
                 group.setdefault(key, default)
 
     @staticmethod
@@ -175,8 +132,7 @@ class RMSprop(Optimizer):
         float32 counter itself; the host a float64 one). float64 where the kernels read the counter (bias
         correction, stochastic rounding, 8-bit state): their random streams are keyed by it, and float32 stops
         counting at 2**24."""
-        if torch.get_default_dtype() == torch.float64 or kernel_reads_steps(
-                group["bias_correction"], group["stochastic_rounding"], cls._quantized(p, group)):
+        if torch.get_default_dtype() == torch.float64 or options.reads_steps(group, cls._quantized(p, group)):
             return torch.float64
         return torch.float32
 
@@ -270,11 +226,9 @@ class RMSprop(Optimizer):
             torch.ops.rmsprop_gpu.rmsprop_(
                 t["params"], t["grads"], t["square_avgs"], t["grad_avgs"], t["momentum_buffers"], t["steps"],
                 0.0 if isinstance(lr, torch.Tensor) else float(lr), lr if isinstance(lr, torch.Tensor) else None,
-                float(group["alpha"]), float(group["eps"]), float(group["weight_decay"]), float(group["momentum"]),
-                bool(group["centered"]), bool(group["maximize"]), bool(group["eps_in_sqrt"]),
-                bool(group["capturable"]), group["backend"] or "", grad_scale, found_inf,
-                *(bool(group[k]) for k in SWITCHES), int(group["sr_seed"]),
-                stream_ids)
+                float(group["alpha"]), float(group["eps"]), float(self._weight_decay(group)), float(group["momentum"]),
+                bool(group["centered"]), bool(group["maximize"]), bool(group["capturable"]), group["backend"] or "",
+                grad_scale, found_inf, options.switch_bits(group), int(group["sr_seed"]), stream_ids)
         return loss
 
     @torch._disable_dynamo  # eager only (step() never calls it while compiling); lazy: dynamo loads on first call
@@ -317,9 +271,13 @@ class RMSprop(Optimizer):
         return [pos[id(p)] for p in params]
 
     def _hyper(self, group, grad_scale=None, found_inf=None):
-        return make_hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
-                          group["centered"], group["maximize"], group["eps_in_sqrt"], group["capturable"],
-                          grad_scale, found_inf, *(group[k] for k in SWITCHES), group["sr_seed"])
+        return options.make(group["lr"], group["alpha"], group["eps"], self._weight_decay(group), group["momentum"],
+                            group["centered"], group["maximize"], group["capturable"], grad_scale, found_inf,
+                            group["sr_seed"], options.switch_bits(group))
+
+    def _weight_decay(self, group):
+        """The weight decay value a step uses (a flavour may derive it from others: timm's corrected decay)."""
+        return group["weight_decay"]
 
     def _build_plan(self) -> tuple[StepPlan, dict]:
         """Every check of every group, then tables; new state is committed only when all of it passed. Returns the
@@ -334,9 +292,7 @@ class RMSprop(Optimizer):
             stream_ids, first = [first + i for i in t["index"]], first + len(group["params"])
             names = ()
             if group["differentiable"]:
-                if group["eps_in_sqrt"] or any(group[k] for k in SWITCHES):
-                    raise ValueError("eps_in_sqrt=True, other frameworks' switches and stochastic rounding have no "
-                                     "differentiable reference step in torch")
+                options.refuse_combinations(group)  # torch's own step runs none of our switches
                 sp.reference.append(gi)
             elif t["params"]:
                 validate_hyperparameters(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
@@ -445,7 +401,7 @@ class RMSprop(Optimizer):
         # a checkpoint without this class's own options (torch.optim.RMSprop's) keeps the ones this optimizer
         # was built with (state_bits, backend, ...) instead of their defaults
         saved_groups = state_dict["param_groups"] = [
-            {**{k: g[k] for k in _EXTENSION_KEYS if k in g}, **s} for g, s in zip(groups, saved_groups)]
+            {**{k: g[k] for k in options.EXTENSIONS if k in g}, **s} for g, s in zip(groups, saved_groups)]
         params_by_id = {pid: p for g, s in zip(groups, saved_groups) for pid, p in zip(s["params"], g["params"])}
         group_by_id = {pid: s for s in saved_groups for pid in s["params"]}
         for pid, st in state_dict["state"].items():

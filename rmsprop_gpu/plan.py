@@ -18,13 +18,11 @@ from itertools import chain, repeat
 from operator import attrgetter, is_, itemgetter
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import _arrays as arr
 from . import backends
 from ._contract import (
-    SIXTEEN_BIT,
     TENSOR_LISTS,
     Group,
     Hyper,
@@ -32,32 +30,11 @@ from ._contract import (
     byte_span,
     check_float32_range,
     check_no_overlap,
-    kernel_reads_steps,
-    scalar,
 )
+from .options import STRUCTURAL, refuse_combinations, refuse_for_tensors
+from .options import reads_steps as kernel_reads_steps
 
 _data_ptr = torch.Tensor.data_ptr
-
-
-def make_hyper(lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt, capturable=False,
-               grad_scale=None, found_inf=None, lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False,
-               bias_correction=False, stochastic_rounding=False, sr_seed=0) -> Hyper:
-    """Normalized run-time values: Python floats and bools (numpy scalars, 1-element tensors read), a 0-dim lr
-    tensor."""
-    if isinstance(lr, torch.Tensor):
-        lr = lr.reshape(()) if lr.dim() else lr  # a view: a scheduler's in-place update stays visible
-    else:
-        lr = float(lr)
-    return Hyper(lr, scalar(alpha), scalar(eps), scalar(weight_decay), scalar(momentum), bool(centered),
-                 bool(maximize), bool(eps_in_sqrt), bool(capturable), grad_scale, found_inf, bool(lr_in_momentum),
-                 bool(nesterov), bool(decoupled_weight_decay), bool(bias_correction), bool(stochastic_rounding),
-                 check_sr_seed(sr_seed))
-
-
-def check_sr_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
-        raise ValueError(f"Invalid sr_seed: {seed!r} (an integer in [0, 2**32))")
-    return int(seed)
 
 
 @dataclass
@@ -78,23 +55,12 @@ def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, st
                  foreach=None, backend=None, group_index: int = 0, stream_ids=None, offsets=None) -> list[Checked]:
     """Check everything and choose a backend per group, writing nothing. Raises on any problem. stream_ids: each
     param's random stream (stochastic rounding, 8-bit codes; default: its position in `params`)."""
-    if hyper.bias_correction and not state_steps:
-        raise ValueError("bias_correction=True needs state_steps (the step count of each param)")
-    if hyper.stochastic_rounding and not state_steps:
-        raise ValueError("stochastic_rounding=True needs state_steps (each param's step count seeds its stream)")
-    if hyper.nesterov and not (hyper.momentum > 0 and hyper.lr_in_momentum):
-        raise ValueError("nesterov=True needs momentum > 0 and lr_in_momentum=True (optax's trace)")
+    refuse_combinations(hyper)
     groups = build_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, hyper,
                           stream_ids)
-    if hyper.stochastic_rounding and not any(g.param_dtype in SIXTEEN_BIT or g.state_dtype in SIXTEEN_BIT
-                                              for g in groups):
-        raise ValueError("stochastic_rounding=True rounds 16-bit (float16 / bfloat16) params or state; this param "
-                         "group has none")
-    if not state_steps and any(g.state_dtype == "uint8" for g in groups):
-        raise ValueError("8-bit state needs state_steps (each param's step count seeds the stochastic rounding of "
-                         "its codes)")
+    refuse_for_tensors(hyper, [(g.param_dtype, g.state_dtype) for g in groups], bool(state_steps))
     for g in groups:  # the kernels read these counters (the host advances them after the launch)
-        g.read_steps = kernel_reads_steps(hyper.bias_correction, hyper.stochastic_rounding, g.state_dtype == "uint8")
+        g.read_steps = kernel_reads_steps(hyper, g.state_dtype == "uint8")
     if foreach is False:  # torch's for-loop layout: one launch per tensor
         groups = [one for g in groups for one in g.split()]
     out = []
@@ -162,8 +128,7 @@ def _launch_key(c: Checked):
     g, h = c.group, c.hyper
     lr_on_device = isinstance(h.lr, torch.Tensor) and h.lr.device == g.device
     return (c.backend.name, g.device, g.param_dtype, g.state_dtype, g.momentum_buffers is not None,
-            g.grad_avgs is not None, g.steps is not None, h.eps_in_sqrt, lr_on_device, type(g.params[0]),
-            h.lr_in_momentum, h.nesterov, h.decoupled_weight_decay, h.bias_correction, h.stochastic_rounding)
+            g.grad_avgs is not None, g.steps is not None, h.switches, lr_on_device, type(g.params[0]))
 
 
 def prepare(checked: list[Checked], sizes: dict) -> list[Entry]:
@@ -349,18 +314,12 @@ def no_overlap(tensors: list) -> bool:
 
 
 def structure(group: dict) -> tuple:
-    """The options of a param group that change what is launched. Values never do, nor maximize and whether
-    weight decay is on: the kernels take both per slot, every step."""
-    return (group["momentum"] > 0, bool(group["centered"]), bool(group.get("eps_in_sqrt", False)),
-            bool(group["capturable"]), group["foreach"], group["backend"], group.get("state_dtype"),
-            bool(group["differentiable"]), _lr_kind(group["lr"]),
-            *(bool(group.get(k, False)) for k in SWITCHES))
+    """The options of a param group that change what is launched or allocated (options.STRUCTURAL, momentum > 0,
+    the lr's kind). Values never do, nor maximize and whether weight decay is on: the kernels take both per slot."""
+    return (group["momentum"] > 0, _lr_kind(group["lr"]), *map(group.get, STRUCTURAL))
 
 
-# switches that change the launch (other frameworks' semantics, stochastic rounding): part of structure()
-SWITCHES = ("lr_in_momentum", "nesterov", "decoupled_weight_decay", "bias_correction", "stochastic_rounding")
-_structure_raw = itemgetter("momentum", "centered", "eps_in_sqrt", "capturable", "foreach", "backend", "state_dtype",
-                            "differentiable", *SWITCHES)  # options, C-speed; structure() judges changes
+_structure_raw = itemgetter("momentum", *STRUCTURAL)  # C-speed; structure() judges changes
 _params_of = itemgetter("params")
 _lr_of = itemgetter("lr")
 _grad = attrgetter("grad")

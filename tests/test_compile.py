@@ -34,7 +34,7 @@ def _lists(seed, momentum=True, centered=True):
 @pytest.mark.parametrize("momentum,centered", [(False, False), (True, True)])
 def test_opcheck(backend, momentum, centered):
     args = (*_lists(0, momentum, centered), 0.01, None, 0.99, 1e-8, 0.01, 0.9 if momentum else 0.0, centered,
-            False, False, False, backend, None, None)
+            False, False, backend, None, None)
     torch.library.opcheck(torch.ops.rmsprop_gpu.rmsprop_.default, args)
 
 

@@ -8,9 +8,10 @@ import torch
 
 import rmsprop_gpu
 from rmsprop_gpu import backends
-from rmsprop_gpu._contract import Group, Hyper
+from rmsprop_gpu._contract import Group
+from rmsprop_gpu.options import make
 
-H = Hyper(0.01, 0.99, 1e-8, 0.0, 0.0, False, False, False)
+H = make(0.01, 0.99, 1e-8, 0.0, 0.0)
 
 
 def group(device="cpu", dtype="float32"):

@@ -103,13 +103,12 @@ def test_hyperparameters_never_select_a_kernel():
         assert name not in params, name  # values travel in the hyper table the kernel reads
     assert "constexpr" not in str(params["hyper_vals"].annotation)
     # the launcher's compile-time switches depend on the variant only, never on values
-    from rmsprop_gpu._contract import Hyper
-    from rmsprop_gpu.backends._tables import variant_flags
+    from rmsprop_gpu.options import launch_flags, make
 
-    h1 = Hyper(0.1, 0.9, 1e-8, 0.1, 0.9, True, False, False)
-    h2 = Hyper(0.003, 0.99, 1e-3, 0.5, 0.5, True, False, False)
-    assert constexprs("float32", "float32", variant_flags([h1], False), True, True) == constexprs(
-        "float32", "float32", variant_flags([h2], False), True, True)
+    h1 = make(0.1, 0.9, 1e-8, 0.1, 0.9, True)
+    h2 = make(0.003, 0.99, 1e-3, 0.5, 0.5, True)
+    assert constexprs("float32", "float32", launch_flags([h1], False), True, True) == constexprs(
+        "float32", "float32", launch_flags([h2], False), True, True)
 
 
 @pytest.mark.parametrize("dtype,state", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
@@ -313,10 +312,11 @@ def test_compile_time_flags_build_matches_the_run_time_flags_build(options):
 def test_the_run_time_loader_builds_one_entry_point_per_layout_and_flags(capability):
     """What CupyBackend loads on a GPU: kernels/rmsprop.cu plus one RMSPROP_KERNEL line, through CuPy's own NVRTC
     binding with NVRTC_OPTIONS, as a cubin for the device's arch holding exactly that entry point."""
-    from rmsprop_gpu.backends._tables import FOUND_INF, GRAD_SCALE, STOCHASTIC_ROUNDING
+    from rmsprop_gpu.abi import FLAGS
     from rmsprop_gpu.backends.cupy_backend import KernelSpec, compile_cubin, nvrtc_arch_option
 
-    spec = KernelSpec("bfloat16", "float32", True, True, GRAD_SCALE | FOUND_INF | STOCHASTIC_ROUNDING)
+    spec = KernelSpec("bfloat16", "float32", True, True,
+                      FLAGS["GRAD_SCALE"] | FLAGS["FOUND_INF"] | FLAGS["STOCHASTIC_ROUNDING"])
     cubin = compile_cubin(capability, spec)
     assert cubin[:4] == b"\x7fELF" and spec.name.encode() in cubin
     assert KernelSpec("float32", "float32", False, False, 0).name.encode() not in cubin

@@ -330,7 +330,10 @@ def test_functional_accepts_torchs_keywords_and_which_backend():
     p, g, v = torch.randn(5), torch.randn(5), torch.rand(5)
     rmsprop_gpu.rmsprop([p], [g], [v], lr=0.01, differentiable=False, has_complex=False, foreach=True,
                         capturable=False)
-    assert rmsprop_gpu.which_backend([torch.randn(3), torch.randn(3, dtype=torch.float64)]) == ["torch", "torch"]
+    choices = rmsprop_gpu.which_backend([torch.randn(3), torch.randn(2, 2, dtype=torch.float64), torch.randn(1)])
+    assert [c.backend for c in choices] == ["torch", "torch"]
+    assert [(c.param_dtype, c.params) for c in choices] == [("float32", 2), ("float64", 1)]
+    assert str(choices[1]) == "1 float64 param(s) on cpu (state float64): torch"
 
 
 # ---------------------------------------------------------------- PyTorch's own RMSprop inputs

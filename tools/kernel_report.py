@@ -27,20 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rmsprop_gpu.backends._tables import (
-    BIAS_CORRECTION,
-    BLOCK,
-    DECOUPLED_WD,
-    EPS_IN_SQRT,
-    FOUND_INF,
-    GRAD_SCALE,
-    LR_IN_MOMENTUM,
-    LR_ON_DEVICE,
-    MAXIMIZE,
-    NESTEROV,
-    STOCHASTIC_ROUNDING,
-    WEIGHT_DECAY,
-)
+from rmsprop_gpu.abi import BLOCK, FLAGS
 from tools import sass
 
 ARCHS = (80, 90)
@@ -56,9 +43,12 @@ Q8_SCALE_BYTES = 1 / 16  # per element and state tensor, as byte accesses (one p
 # instructions, and the other frameworks' switches (RMSprop.tf1 / .keras / .optax).
 FLAG_SETS = {
     "defaults": 0,
-    "torch_all": MAXIMIZE | WEIGHT_DECAY | LR_ON_DEVICE | GRAD_SCALE | FOUND_INF,
-    "frameworks": EPS_IN_SQRT | LR_IN_MOMENTUM | NESTEROV | DECOUPLED_WD | BIAS_CORRECTION,
-    "stochastic_rounding": STOCHASTIC_ROUNDING,
+    "torch_all": sum(FLAGS[f] for f in ("MAXIMIZE", "WEIGHT_DECAY", "LR_ON_DEVICE", "GRAD_SCALE", "FOUND_INF")),
+    # TF1 / Keras / optax's switches together (fastai's RAW_GRAD_MOMENTUM is the other branch of the same momentum
+    # update, as short: not built apart; stochastic rounding, opt-in, is its own set)
+    "frameworks": sum(FLAGS[f] for f in ("EPS_IN_SQRT", "LR_IN_MOMENTUM", "NESTEROV", "DECOUPLED_WD",
+                                         "BIAS_CORRECTION")),
+    "stochastic_rounding": FLAGS["STOCHASTIC_ROUNDING"],
 }
 # Opt-in options whose cost is reported but not budgeted (beyond spills and traffic): stochastic rounding
 # hashes every 16-bit store; 8-bit state (its layouts, below) decodes and encodes every state element.
@@ -89,7 +79,7 @@ def minimum_bytes(param_dtype: str, state_dtype: str, momentum: bool, centered: 
 
 def layouts(flags: int) -> tuple:
     """(param, state) dtype layouts built for a flag set: 8-bit state with torch's defaults and SR."""
-    return DTYPES + (Q8_DTYPES if flags in (0, STOCHASTIC_ROUNDING) else ())
+    return DTYPES + (Q8_DTYPES if flags in (0, FLAGS["STOCHASTIC_ROUNDING"]) else ())
 
 
 def ptx_traffic(ptx: str, elems_per_thread: int) -> dict:

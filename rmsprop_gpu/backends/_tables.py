@@ -1,18 +1,8 @@
-"""The kernel contract shared by the Triton and CuPy backends: tensor table, block list, hyperparameter table.
+"""Filling the kernel contract shared by the Triton and CuPy backends: tensor table, block list, hyper table.
 
-tensor table: int64 [T, ROW]: addresses of param, grad, square_avg, momentum_buffer, grad_avg, step
-              (0 where absent or where the step counter lives on the host), numel, and the tensor's slot:
-              its row in the hyperparameter table (one slot per param group sharing the launch), in bits 0-30,
-              bit 31 set when its step counter is float64, and its random stream's id (stochastic rounding, 8-bit
-              codes) in the high 32. 8-bit state
-              (uint8: rmsprop_gpu/quantize.py) is one address too: codes, then the blocks' scale bytes.
-block list:   int64 [B]: (tensor index << 32) | chunk index; a kernel program / CUDA block updates
-              elements [chunk * BLOCK, min((chunk + 1) * BLOCK, numel)) of that tensor. Every tensor owns
-              at least one block, so zero-element tensors still get their step counter advanced.
-hyper table:  int64 [S, HYPER_ROW], read as float32 [S, 2 * HYPER_ROW] too: int64 column 0 holds the address
-              of a device lr (LR_ON_DEVICE); float32 columns H_LR.. hold lr, alpha, 1 - alpha, eps,
-              weight_decay, momentum and the gradient's sign (-1 for maximize); uint32 column H_SEED the
-              stochastic-rounding seed. 40 param groups of one layout are one launch with 40 slots.
+The layout (columns, BLOCK, flag bits) is rmsprop_gpu/abi.py's. Every tensor owns at least one block, so
+zero-element tensors still get their step counter advanced. 8-bit state (uint8: rmsprop_gpu/quantize.py) is one
+address too: codes, then the blocks' scale bytes. 40 param groups of one layout are one launch with 40 slots.
 
 The tensor and block tables are built on the host once per set of addresses and uploaded without a host
 sync; the hyper table is persistent and rewritten (uploaded) only when a value changes, e.g. a scheduler's lr.
@@ -31,48 +21,25 @@ import numpy as np
 import torch
 
 from .. import _arrays as arr
+from .. import abi
 from .._arrays import dense_strides, same_layout
 from .._contract import KERNEL_PARAM_DTYPES as KERNEL_DTYPES
 from .._contract import Group, Hyper
+from ..options import launch_flags
 from .base import advance_steps
 
-BLOCK = 2048  # elements per program (Triton) / per CUDA block (128 threads x 16): part of the contract
-ROW = 8  # int64 fields per tensor: p, g, v, buf, grad_avg, step, numel, slot
-HYPER_ROW = 8  # int64 fields per slot (16 float32)
-H_LR, H_ALPHA, H_ONE_MINUS_ALPHA, H_EPS, H_WEIGHT_DECAY, H_MOMENTUM, H_SIGN = range(2, 9)  # float32 columns
-H_SEED = 9  # uint32 column
-# the tensor table's last column: bits 0-30 the slot, bit 31 set when the step counter is float64, high 32 the stream
-SLOT_MASK = 0x7FFFFFFF
-STEP_F64_BIT = 31
-
-# flag bits: compile-time switches of both kernels (Triton constexprs, CUDA C template parameter)
-(MAXIMIZE, WEIGHT_DECAY, EPS_IN_SQRT, LR_ON_DEVICE, GRAD_SCALE, FOUND_INF, LR_IN_MOMENTUM, NESTEROV,
- DECOUPLED_WD, BIAS_CORRECTION, STOCHASTIC_ROUNDING) = (1 << i for i in range(11))
-
-
-def variant_flags(hypers: list[Hyper], lr_on_device: bool) -> int:
-    """The launch's switches. Slots of one launch share eps placement, lr kind, grad_scale and found_inf;
-    maximize and weight decay are per slot (sign and weight_decay values), switched on when any slot uses them."""
-    h = hypers[0]
-    return (
-        (MAXIMIZE if any(x.maximize for x in hypers) else 0)
-        | (WEIGHT_DECAY if any(x.weight_decay != 0 for x in hypers) else 0)
-        | (EPS_IN_SQRT if h.eps_in_sqrt else 0)
-        | (LR_ON_DEVICE if lr_on_device else 0)
-        | (GRAD_SCALE if h.grad_scale is not None else 0)
-        | (FOUND_INF if h.found_inf is not None else 0)
-        | (LR_IN_MOMENTUM if h.lr_in_momentum else 0)
-        | (NESTEROV if h.nesterov else 0)
-        | (DECOUPLED_WD if h.decoupled_weight_decay else 0)
-        | (BIAS_CORRECTION if h.bias_correction else 0)
-        | (STOCHASTIC_ROUNDING if h.stochastic_rounding else 0)
-    )
+# the contract's constants (rmsprop_gpu/abi.py owns them; both kernels are generated from the same source)
+BLOCK, ROW, HYPER_ROW, H_SEED, SLOT_MASK, STEP_F64_BIT = (abi.BLOCK, abi.ROW, abi.HYPER_ROW, abi.H_SEED,
+                                                          abi.SLOT_MASK, abi.STEP_F64_BIT)
+H_LR = abi.H["LR"]  # the first float32 column: the values in abi.HYPER_FLOATS order
+NUMEL_COL, SLOT_COL = abi.COL["NUMEL"], abi.COL["SLOT"]
 
 
 def kernel_unsupported_reason(group: Group, hyper: Hyper | None = None) -> str | None:
     if group.read_steps and any(s.device != group.device or s.dtype not in (torch.float32, torch.float64)
                                 for s in group.steps or ()):
-        return ("bias_correction / stochastic_rounding / 8-bit state need float64 (or float32) step counters on "
+        return ("options whose kernels read step counters (bias correction, stochastic rounding) and 8-bit state "
+                "need float64 (or float32) step counters on "
                 "the params' device (the kernel reads them)")
     if group.param_dtype not in KERNEL_DTYPES:
         return f"params of dtype {group.param_dtype} (kernels take {', '.join(KERNEL_DTYPES)})"
@@ -85,7 +52,7 @@ def build_tables(rows: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
     if rows:
         a = np.asarray(rows, dtype=np.uint64).view(np.int64)
         tensors[:, : a.shape[1]] = a
-    numels = tensors[: len(rows), 6]
+    numels = tensors[: len(rows), NUMEL_COL]
     nblocks = np.maximum(1, (numels + BLOCK - 1) // BLOCK)
     tensor_idx = np.repeat(np.arange(len(rows), dtype=np.int64), nblocks)
     first = np.repeat(np.cumsum(nblocks) - nblocks, nblocks)
@@ -115,7 +82,7 @@ class TableCache:
             self._entries.move_to_end(key)
             return hit
         tensors, blocks = build_tables(rows)
-        n_slots = 1 + max((r[7] & SLOT_MASK for r in rows), default=0) if rows and len(rows[0]) > 7 else 1
+        n_slots = 1 + max((r[SLOT_COL] & SLOT_MASK for r in rows), default=0) if rows and len(rows[0]) > SLOT_COL else 1
         device_tensors = self.upload_tensors(tensors, group)
         hyper = HyperTable(self._upload(np.zeros((n_slots, HYPER_ROW), dtype=np.int64), group), self._upload,
                            self._stats or self)
@@ -191,7 +158,9 @@ class HyperTable:
 
 
 # the table's address columns and the Group list each one comes from
-COLUMNS = ((0, "params"), (1, "grads"), (2, "square_avgs"), (3, "momentum_buffers"), (4, "grad_avgs"), (5, "steps"))
+COLUMNS = tuple((abi.COL[c], name) for c, name in (
+    ("P", "params"), ("G", "grads"), ("V", "square_avgs"), ("BUF", "momentum_buffers"), ("GRAD_AVG", "grad_avgs"),
+    ("STEP", "steps")))
 
 
 @dataclass
@@ -264,7 +233,7 @@ def launch_args(launch: Launch, group: Group, hypers: list[Hyper]) -> tuple[int,
                        -1.0 if h.maximize else 1.0))
     launch.hyper.write(group, tuple(values), keep)
     h = hypers[0]
-    args = (variant_flags(hypers, lr_on_device), _device_scalar(h.grad_scale, group.device),
+    args = (launch_flags(hypers, lr_on_device), _device_scalar(h.grad_scale, group.device),
             _device_scalar(h.found_inf, group.device))
     # the same Hyper objects (the optimizer reuses them while values repeat) mean the same values, unless lr is a
     # tensor read on the host or converted for the kernel
@@ -319,7 +288,7 @@ def prepare_launch(group: Group, cache, previous: Launch | None = None) -> Launc
             if s.device == group.device and s.is_contiguous() and (s.dtype == torch.float32 or
                                                                    (step64 and group.read_steps)):
                 step_ptr = s.data_ptr()
-                direct[5].append(i)
+                direct[abi.COL["STEP"]].append(i)
             if group.read_steps or not step_ptr:
                 host_steps.append(i)
         slot_id = group.slots[i] if group.slots is not None else 0

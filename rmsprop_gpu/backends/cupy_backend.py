@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from .. import _arrays as arr
+from .. import abi
 from .._contract import Group, Hyper
 from ._tables import (
-    BLOCK,
     TableCache,
     kernel_unsupported_reason,
     launch_args,
@@ -33,16 +33,16 @@ from ._tables import (
 )
 from .base import Backend
 
-THREADS = 128  # BLOCK / THREADS = 16 elements per thread per chunk (kernels/rmsprop.cu: RMSPROP_THREADS)
+THREADS = abi.THREADS  # BLOCK / THREADS = 16 elements per thread per chunk
 _SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "uint8": "q8"}  # uint8 state: 8-bit blockwise
 _CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16", "uint8": "q8"}
 _LAYOUT = {(False, False): "plain", (True, False): "momentum", (False, True): "centered",
            (True, True): "centered_momentum"}
-assert BLOCK == 2048  # kernels/rmsprop.cu hard-codes the chunk size of the table contract
 
 
 def kernel_source() -> str:
-    return resources.files("rmsprop_gpu.kernels").joinpath("rmsprop.cu").read_text()
+    """kernels/rmsprop.cu after the ABI it is compiled with (rmsprop_gpu/abi.py: columns, flag bits, BLOCK)."""
+    return abi.cuda_header() + resources.files("rmsprop_gpu.kernels").joinpath("rmsprop.cu").read_text()
 
 
 def kernel_name(param_dtype: str, state_dtype: str, momentum: bool, centered: bool) -> str:

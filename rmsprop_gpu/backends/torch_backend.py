@@ -216,7 +216,14 @@ class TorchBackend(Backend):
         if not hyper.eps_in_sqrt:
             torch._foreach_add_(denom, hyper.eps)
 
-        if B is not None and hyper.lr_in_momentum:  # TF1 / Keras / optax: the buffer accumulates lr * g / d
+        if B is not None and hyper.raw_grad_momentum:  # fastai: a momentum of raw grads, divided after
+            torch._foreach_mul_(B, hyper.momentum)
+            torch._foreach_add_(B, G)
+            if isinstance(lr, torch.Tensor):
+                torch._foreach_sub_(P, torch._foreach_mul(torch._foreach_div(B, denom), lr))
+            else:
+                torch._foreach_addcdiv_(P, B, denom, value=-lr)
+        elif B is not None and hyper.lr_in_momentum:  # TF1 / Keras / optax: the buffer accumulates lr * g / d
             step = torch._foreach_div(G, denom)
             torch._foreach_mul_(step, lr)
             torch._foreach_mul_(B, hyper.momentum)

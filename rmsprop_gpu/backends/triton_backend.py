@@ -16,18 +16,7 @@ import torch
 
 from .._contract import Group, Hyper
 from ._tables import (
-    BIAS_CORRECTION,
     BLOCK,
-    DECOUPLED_WD,
-    EPS_IN_SQRT,
-    FOUND_INF,
-    GRAD_SCALE,
-    LR_IN_MOMENTUM,
-    LR_ON_DEVICE,
-    MAXIMIZE,
-    NESTEROV,
-    STOCHASTIC_ROUNDING,
-    WEIGHT_DECAY,
     TableCache,
     kernel_unsupported_reason,
     launch_args,
@@ -50,20 +39,14 @@ def interpreting() -> bool:
 @functools.cache
 def constexprs(param_dtype: str, state_dtype: str, flags: int, momentum: bool, centered: bool,
                native_bf16: bool | None = None) -> dict:
-    """The compile-time switches of one launch: dtypes and variant flags, never a hyperparameter value. Cached;
-    callers must not modify the dict. native_bf16 (default: not interpreting) picks the GPU's bf16 rounding."""
+    """The compile-time switches of one launch: dtypes, layout and the flag bits (rmsprop_gpu/abi.py), never a
+    hyperparameter value. Cached; callers must not modify the dict. native_bf16 (default: not interpreting)
+    picks the GPU's bf16 rounding."""
     import triton.language as tl
 
-    return dict(
-        P_DTYPE=getattr(tl, param_dtype), S_DTYPE=getattr(tl, state_dtype),
-        MAXIMIZE=bool(flags & MAXIMIZE), WEIGHT_DECAY=bool(flags & WEIGHT_DECAY),
-        MOMENTUM=momentum, CENTERED=centered, EPS_IN_SQRT=bool(flags & EPS_IN_SQRT),
-        LR_ON_DEVICE=bool(flags & LR_ON_DEVICE), GRAD_SCALE=bool(flags & GRAD_SCALE),
-        FOUND_INF=bool(flags & FOUND_INF), LR_IN_MOMENTUM=bool(flags & LR_IN_MOMENTUM),
-        NESTEROV=bool(flags & NESTEROV), DECOUPLED_WD=bool(flags & DECOUPLED_WD),
-        BIAS_CORRECTION=bool(flags & BIAS_CORRECTION), STOCHASTIC_ROUNDING=bool(flags & STOCHASTIC_ROUNDING),
-        NATIVE_BF16=not interpreting() if native_bf16 is None else native_bf16, BLOCK=BLOCK,
-    )
+    return dict(P_DTYPE=getattr(tl, param_dtype), S_DTYPE=getattr(tl, state_dtype), MOMENTUM=momentum,
+                CENTERED=centered, FLAGS=flags, NATIVE_BF16=not interpreting() if native_bf16 is None else native_bf16,
+                BLOCK=BLOCK)
 
 
 LAUNCH_OPTIONS = {"num_warps": NUM_WARPS}

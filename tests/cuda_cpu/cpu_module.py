@@ -22,27 +22,26 @@ ARGTYPES = [ctypes.c_uint, ctypes.c_uint,  # grid, block
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # grad_scale_ptr, found_inf_ptr, flags
 
 
-def cu_path() -> Path:
-    from importlib import resources
-
-    from rmsprop_gpu.backends.cupy_backend import kernel_source  # the installed copy the backend loads
-
-    return Path(str(resources.files("rmsprop_gpu.kernels").joinpath("rmsprop.cu"))), kernel_source()
-
-
 def build_library(static_entry: str | None = None) -> Path:
-    cu, source = cu_path()
+    from rmsprop_gpu.backends.cupy_backend import kernel_source  # what the GPU loader compiles: ABI + source
+
+    source = kernel_source()
     digest = hashlib.sha256((source + (HERE / "shim.h").read_text() + (HERE / "launcher.cpp").read_text()
                              + str(static_entry)).encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"rmsprop_cu_cpu_{digest}.so"
     if not out.exists():
+        cu = out.with_suffix(f".{id(out)}.cu")
+        cu.write_text(source)
         tmp = out.with_suffix(f".{id(out)}.tmp.so")
         cmd = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-fno-strict-aliasing", "-ffp-contract=off",
                "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Wno-uninitialized",
                f"-I{HERE}", f'-DRMSPROP_CU_PATH="{cu}"', str(HERE / "launcher.cpp"), "-o", str(tmp)]
         if static_entry:
             cmd.insert(-3, f"-DRMSPROP_STATIC_ENTRY={static_entry}")
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+        finally:
+            cu.unlink()
         tmp.rename(out)
     return out
 
