@@ -17,7 +17,8 @@ from .flavors import (
     flavor,
 )
 from .functional import RMSpropPlan, rmsprop, which_backend
-from .optimizer import RMSprop, float_state_dict
+from .optimizer import RMSprop
+from .state import float_state_dict
 
 __version__ = "0.1.0"
 __all__ = ["RMSprop", "float_state_dict", "RMSpropPlan", "rmsprop", "which_backend", "available_backends",

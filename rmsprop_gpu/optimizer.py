@@ -16,13 +16,13 @@ try:
 except ImportError:  # pragma: no cover - older torch
     from torch.autograd.profiler import record_function as _record_function
 
-from . import backends, options, quantize
-from ._contract import STATE_KEYS, check_float32_range, validate_hyperparameters
+from . import backends, options
+from . import state as state_policy
+from ._contract import check_float32_range, validate_hyperparameters
 from .functional import run_planned
 from .in_backward import InBackward
 from .plan import Plan, StepPlan, check_groups, per_call_views, structure
 
-_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # values a step reads besides lr (compared by identity: a tensor lr must not be compared by value on the host);
 # a change of anything structural re-plans first
 _lr_of = itemgetter("lr")
@@ -121,36 +121,12 @@ class RMSprop(Optimizer):
             for key, default in options.GROUP_DEFAULTS.items():
                 group.setdefault(key, default)
 
-    @staticmethod
-    def _state_dtype(p: torch.Tensor, group) -> torch.dtype:
-        sd = group.get("state_dtype")
-        return sd if (sd is not None and p.dtype in _SIXTEEN_BIT) else p.dtype
-
-    @classmethod
-    def _step_dtype(cls, p: torch.Tensor, group) -> torch.dtype:
-        """torch's: float64 under torch.set_default_dtype(torch.float64), else float32 (the kernel advances a
-        float32 counter itself; the host a float64 one). float64 where the kernels read the counter (bias
-        correction, stochastic rounding, 8-bit state): their random streams are keyed by it, and float32 stops
-        counting at 2**24."""
-        if torch.get_default_dtype() == torch.float64 or options.reads_steps(group, cls._quantized(p, group)):
-            return torch.float64
-        return torch.float32
-
-    @staticmethod
-    def _quantized(p: torch.Tensor, group) -> bool:
-        """Whether p's new state is 8-bit: state_bits=8 and p large enough (refused for params it cannot take)."""
-        if group.get("state_bits", 32) != 8:
-            return False
-        quantize.check_quantizable_dtype(p)
-        return quantize.quantizable(p)
-
     def _gather(self, group, pending: dict, params=None, grads=None):
         """Params with grads (of the group, or these of it; grads by id(param) when given, else p.grad) and their
         state; new state goes to `pending`, committed only once all checks pass."""
         out = {k: [] for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "steps", "dicts",
                                "index")}
-        needed = (["square_avg"] + ["momentum_buffer"] * bool(group["momentum"] > 0)
-                  + ["grad_avg"] * bool(group["centered"]))
+        needed = state_policy.needed_keys(group)
         idle = []
         for i, p in enumerate(group["params"] if params is None else params):
             grad = p.grad if grads is None else grads[id(p)]
@@ -160,23 +136,9 @@ class RMSprop(Optimizer):
             if grad.is_sparse:
                 raise RuntimeError("RMSprop does not support sparse gradients")
             state = self.state.get(p, {})
-            missing = [k for k in needed if k not in state]
-            if missing or "step" not in state:  # copy only when adding: the live state stays untouched until then
-                state = dict(state)
-                if "step" not in state:
-                    on_device = group["capturable"] or p.device.type == "cuda"
-                    state["step"] = torch.zeros((), dtype=self._step_dtype(p, group),
-                                                device=p.device if on_device else "cpu")
-                for key in missing:
-                    fill = group.get("initial_accumulator_value", 0.0) if key == "square_avg" else 0.0
-                    if self._quantized(p, group):
-                        state[key] = quantize.zeros_state(p, fill, key)
-                        continue
-                    state[key] = torch.zeros_like(p, dtype=self._state_dtype(p, group),
-                                                  memory_format=torch.preserve_format)
-                    if fill:  # TF1: 1, optax initial_scale
-                        state[key].fill_(fill)
-                pending[p] = state
+            added = state_policy.new_entries(p, group, state, needed)
+            if added:  # a copy with the new entries: the live state stays untouched until the commit
+                state = pending[p] = {**state, **added}
             out["params"].append(p)
             out["index"].append(i)  # its position in the group (params=None) or in `params`
             out["dicts"].append(state)
@@ -402,30 +364,7 @@ class RMSprop(Optimizer):
         # was built with (state_bits, backend, ...) instead of their defaults
         saved_groups = state_dict["param_groups"] = [
             {**{k: g[k] for k in options.EXTENSIONS if k in g}, **s} for g, s in zip(groups, saved_groups)]
-        params_by_id = {pid: p for g, s in zip(groups, saved_groups) for pid, p in zip(s["params"], g["params"])}
-        group_by_id = {pid: s for s in saved_groups for pid in s["params"]}
-        for pid, st in state_dict["state"].items():
-            p = params_by_id.get(pid)
-            if p is None:
-                raise ValueError(f"loaded state dict has state for unknown param id {pid}")
-            if any(key in st for key in STATE_KEYS):
-                self._quantized(p, group_by_id[pid])  # refuses (before loading anything) params 8-bit cannot take
-            unknown = set(st) - {"step", *STATE_KEYS}
-            if unknown:
-                raise ValueError(f"loaded state for param {pid} has unknown keys {sorted(unknown)}")
-            for key in STATE_KEYS:
-                if key not in st:
-                    continue
-                if quantize.is_quantized(st[key]):  # 8-bit state: flat codes and scales
-                    need = quantize.q8_nbytes(quantize.real_numel(p))
-                    if tuple(st[key].shape) != (need,):
-                        raise ValueError(f"loaded {key} of param {pid} is 8-bit state of shape "
-                                         f"{tuple(st[key].shape)}; the param needs ({need},)")
-                elif tuple(st[key].shape) != tuple(p.shape):
-                    raise ValueError(f"loaded {key} of param {pid} has shape {tuple(st[key].shape)}, "
-                                     f"the param {tuple(p.shape)}")
-            if "step" in st and torch.is_tensor(st["step"]) and st["step"].numel() != 1:
-                raise ValueError(f"loaded step of param {pid} is not a scalar")
+        state_policy.check_loaded(state_dict["state"], groups, saved_groups)
         hooks = self._optimizer_load_state_dict_pre_hooks
         self._optimizer_load_state_dict_pre_hooks = type(hooks)()  # already run above
         try:
@@ -433,44 +372,7 @@ class RMSprop(Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = hooks
         self._plan = None
-        for g, s in zip(self.param_groups, saved_groups):
-            for pid, p in zip(s["params"], g["params"]):
-                st = state_dict["state"].get(pid, {})
-                live = self.state.get(p)
-                if live is None:
-                    continue
-                saved = {k: st[k] for k in STATE_KEYS if k in st}
-                if self._quantized(p, g):  # 8-bit: the saved bytes (torch cast them to the param's dtype), or
-                    saved = quantize.q8_state(saved, p, g["centered"])  # float state encoded
-                elif any(map(quantize.is_quantized, saved.values())):  # 8-bit saved, float kept: decoded
-                    saved = quantize.float_state(saved, p, g["centered"], self._state_dtype(p, g))
-                for key, x in saved.items():
-                    if quantize.is_quantized(x) or self._state_dtype(p, g) != p.dtype or x is not st[key]:
-                        live[key] = x.to(device=p.device, dtype=x.dtype if quantize.is_quantized(x) else
-                                         self._state_dtype(p, g), copy=x is st[key])
-                if "step" in live:  # counters as a new step makes them, on the param's device for CUDA or capturable
-                    step, dtype = live["step"], self._step_dtype(p, g)
-                    device = p.device if (g["capturable"] or p.device.type == "cuda") else torch.device("cpu")
-                    if not torch.is_tensor(step):
-                        live["step"] = torch.tensor(float(step), dtype=dtype, device=device)
-                    elif step.dtype != dtype or step.device != device:
-                        live["step"] = step.to(device=device, dtype=dtype).reshape(())
-
-
-def float_state_dict(optimizer: RMSprop) -> dict:
-    """optimizer.state_dict() with every 8-bit state tensor decoded to float32 in its param's shape (and layout),
-    so that torch.optim.RMSprop (or this class with state_bits=32) loads it. The way back needs no helper:
-    RMSprop(..., state_bits=8).load_state_dict(sd) encodes float state."""
-    sd = optimizer.state_dict()
-    params = {pid: p for g, s in zip(optimizer.param_groups, sd["param_groups"])
-              for pid, p in zip(s["params"], g["params"])}
-    state = {}
-    centered = {pid: s["centered"] for s in sd["param_groups"] for pid in s["params"]}
-    for pid, st in sd["state"].items():
-        state[pid] = quantize.float_state(st, params[pid], centered[pid])
-    # no state_bits: whoever loads it keeps its own (an 8-bit optimizer encodes the float state again)
-    return {"state": state, "param_groups": [{k: v for k, v in s.items() if k != "state_bits"}
-                                             for s in sd["param_groups"]]}
+        state_policy.adopt_loaded(self.state, state_dict["state"], self.param_groups, saved_groups)
 
 
 def _reference_step(opt: RMSprop, group) -> None:

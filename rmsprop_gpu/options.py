@@ -206,7 +206,7 @@ def refuse_combinations(values) -> None:
         raise ValueError("raw_grad_momentum=True (fastai) and lr_in_momentum=True (TF1) are two forms of the momentum "
                          "buffer: choose one")
     if get("differentiable"):
-        bad = [o.name for o in OPTIONS if not o.torch_step and get(o.name) != o.default]
+        bad = [f"{o.name}={get(o.name)!r}" for o in OPTIONS if not o.torch_step and get(o.name) != o.default]
         if bad:
             raise ValueError(f"differentiable=True runs torch's own step, which has no {', '.join(bad)}")
 
