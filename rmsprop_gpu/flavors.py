@@ -174,7 +174,7 @@ def flavor(name: str) -> type[RMSprop]:
         raise ValueError(f"unknown flavor {name!r}: one of {', '.join(FLAVORS)}") from None
 
 
-def register_timm(name: str = "rmsprop_gpu_tf") -> None:
+def register_timm(name: str = "rmsproptfgpu") -> None:
     """Register TimmRMSpropTF in timm's optimizer registry, so create_optimizer_v2(model, name) builds it (with
     timm's weight-decay param groups and its argument handling)."""
     from timm.optim import OptimInfo

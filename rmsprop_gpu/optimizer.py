@@ -328,6 +328,9 @@ class RMSprop(Optimizer):
         the grads to use (DDP's reduced bucket views), else p.grad."""
         ids = {id(p) for p in params}
         given = None if grads is None else {id(p): g for p, g in zip(params, grads)}
+        # the optimizer has stepped: what torch's LR schedulers check before their step() (else they warn that
+        # lr_scheduler.step() came before optimizer.step(), which in_backward never needs)
+        self._opt_called = True
         for gi, group in enumerate(self.param_groups):
             part = [p for p in group["params"] if id(p) in ids and (given is not None or p.grad is not None)]
             if not part:

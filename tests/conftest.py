@@ -12,7 +12,20 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # torch 2.11's comp
 os.environ["RMSPROP_GPU_CACHE_DIR"] = tempfile.mkdtemp(prefix="rmsprop_gpu_cache_")  # not the user's cache
 atexit.register(shutil.rmtree, os.environ["RMSPROP_GPU_CACHE_DIR"], ignore_errors=True)  # leave no dir behind
 
+import importlib.machinery  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+# The repo's top-level kernels/ folder (our kernel sources, shipped as rmsprop_gpu.kernels) is importable as
+# `kernels` while the repo root is on sys.path (pytest puts it there), and would shadow the PyPI package `kernels`
+# that transformers imports (tests/test_clients.py): that one is loaded first, from site-packages.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+_spec = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if p not in ("", ".", _ROOT)])
+if _spec is not None and "kernels" not in sys.modules:
+    sys.modules["kernels"] = _module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)
 
 from rmsprop_gpu.backends import BACKENDS  # noqa: E402
 from tests.cuda_cpu.cpu_module import cpu_module_factory  # noqa: E402
