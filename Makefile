@@ -19,7 +19,7 @@ test: $(STAMP)  ## the whole suite on the CPU: kernels through the Triton interp
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -W ignore::RuntimeWarning
 	smoke=$$(mktemp -d) && trap 'rm -rf "$$smoke"' EXIT && \
-	$(BIN)/python perf/bench.py --smoke --out "$$smoke" > /dev/null && \
+	$(BIN)/python perf/bench.py --smoke --summary --out "$$smoke" > /dev/null && \
 	$(BIN)/python perf/host_overhead.py --smoke --out "$$smoke/host_overhead" > /dev/null && \
 	$(BIN)/python perf/training_stack.py --smoke --out "$$smoke/training_stack" > /dev/null && \
 	$(BIN)/python perf/stochastic_rounding.py --smoke --out "$$smoke/stochastic_rounding" > /dev/null && \

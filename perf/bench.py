@@ -509,7 +509,8 @@ def run(args, on_row=None) -> dict:
     variants = args.variants or (["plain", "centered_momentum", "bf16_fp32_state", "centered_momentum_8bit"]
                                  if args.gpu_check
                                  else list(VARIANTS))
-    result = {"environment": env, "copy_gbps": copy_gbs, "skipped": skipped, "rows": []}
+    result = {"environment": env, "copy_gbps": copy_gbs, "skipped": skipped, "rows": [],
+              "load_per_core": [_load_per_core()]}
     # eager providers over every workload first, torch.compile (minutes to build) after them
     jobs = [(w, v, p) for slow in (False, True) for w in workloads(device, args.smoke, models, args.gpu_check)
             for v in variants for p in provs if isinstance(p, TorchCompile) == slow]
@@ -540,7 +541,15 @@ def run(args, on_row=None) -> dict:
         add_speedups(result)
         if on_row:
             on_row(result)
+    result["load_per_core"].append(_load_per_core())
     return result
+
+
+def _load_per_core() -> float:
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        return 0.0
 
 
 def add_speedups(result: dict) -> None:
@@ -567,6 +576,50 @@ def markdown(result: dict) -> str:
             cells.append(f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v)[:120]))
         lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def busy_warning(result: dict) -> str | None:
+    """Why this run's timings may mean little: the machine was loaded (load average per core at the start or
+    the end of the run) or repeated timings of one case spread widely (interquartile range over the median)."""
+    load = max(result.get("load_per_core") or [0.0])
+    timed = [r for r in result["rows"] if r.get("median_s")]
+    spread = statistics.median([(r["q3_s"] - r["q1_s"]) / r["median_s"] for r in timed]) if timed else 0.0
+    why = []
+    if load > 0.5:
+        why.append(f"load average {load:.2f} per core")
+    if spread > 0.25:
+        why.append(f"repeated timings spread by {100 * spread:.0f}% of the median (interquartile range)")
+    return ("WARNING: the machine is busy (" + "; ".join(why) + "): the speedups below may be off by 2x or more; "
+            "rerun on an idle machine") if why else None
+
+
+def summary(result: dict, max_rows: int = 8) -> str:
+    """A few rows for a first look: per workload and variant, our fastest backend against torch's foreach
+    RMSprop (the usual baseline) and torch.compile when it ran; the whole table is in the files."""
+    env = result["environment"]
+    rows = [r for r in result["rows"] if r.get("median_s")]
+    by_case: dict = {}
+    for r in rows:
+        by_case.setdefault((r["workload"], r["variant"]), {})[r["provider"]] = r
+    lines = [f"{env['device']} ({env['gpu']}), torch {env['torch']}, {env['date']}",
+             "legend: time = median seconds per optimizer step; speedup = torch foreach's time / ours "
+             "(> 1: ours is faster); ours = the fastest rmsprop_gpu backend of the row",
+             f"{'workload':24s} {'variant':22s} {'ours':14s} {'time':>9s} {'foreach':>9s} {'speedup':>8s}"
+             f" {'vs compile':>10s}"]
+    cases = [(key, provs) for key, provs in by_case.items()
+             if "torch_foreach" in provs and any(name.startswith("ours_") for name in provs)]
+    for (workload, variant), provs in cases[:max_rows]:
+        best = min((r for name, r in provs.items() if name.startswith("ours_")), key=lambda r: r["median_s"])
+        base, comp = provs["torch_foreach"], provs.get("torch_compile")
+        vs_compile = f"{comp['median_s'] / best['median_s']:.2f}x" if comp else "-"
+        lines.append(f"{workload[:24]:24s} {variant[:22]:22s} {best['provider'][5:]:14s} {best['median_s']:9.2e} "
+                     f"{base['median_s']:9.2e} {base['median_s'] / best['median_s']:7.2f}x {vs_compile:>10s}")
+    if len(cases) > max_rows:
+        lines.append(f"... {len(cases) - max_rows} more rows in the full table")
+    warning = busy_warning(result)
+    if warning:
+        lines.insert(1, warning)
+    return "\n".join(lines) + "\n"
 
 
 def write_results(result: dict, stem: Path) -> None:
@@ -601,13 +654,17 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, help="unix time after which no new case starts")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--stem", help="file name stem of the results (default bench_<device>[_smoke])")
+    ap.add_argument("--summary", action="store_true", help="print a short summary instead of the whole table")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stem = args.out / ("cpu" if device.type == "cpu" and not args.stem else "") / (
         args.stem or f"bench_{device.type}{'_smoke' if args.smoke else ''}")
     result = run(args, on_row=lambda res: write_results(res, stem))
     write_results(result, stem)
-    print(markdown(result))
+    print(summary(result) if args.summary else markdown(result))
+    warning = busy_warning(result)
+    if warning and not args.summary:
+        print(warning)
     from plot import plot
 
     for path in plot(stem.with_suffix(".json")):

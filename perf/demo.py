@@ -1,5 +1,6 @@
 """The main job: train a small model with rmsprop_gpu on the best device, self-check every usable backend
-against the float64 oracle, then a quick benchmark table against the baselines (with a plot).
+against the float64 oracle, then a quick benchmark against the baselines: a short summary on screen (with a
+warning when the machine is too busy for timings to mean anything), the whole table and plots in demo_out/.
 
 On a machine without a GPU it says so and uses the CPU; the Triton kernel then runs through Triton's
 interpreter for the self-check (correct, not fast)."""
@@ -77,8 +78,10 @@ def main() -> int:
     trained = train(device)
     print("2. self-check of every usable backend against the float64 oracle")
     ok = self_check(device)
-    print("3. quick benchmark against the baselines")
-    bench.main(["--smoke"] if device == "cpu" else ["--models", "resnet50", "gpt2-small", "--reps", "20"])
+    print("3. quick benchmark against the baselines (the whole table: demo_out/; plots beside it)")
+    out = Path.cwd() / "demo_out"
+    bench.main(["--summary", "--out", str(out), "--stem", f"bench_{device}"]
+               + (["--smoke"] if device == "cpu" else ["--models", "resnet50", "gpt2-small", "--reps", "20"]))
     print("demo:", "all checks passed" if ok and trained else "SOME CHECKS FAILED")
     return 0 if ok and trained else 1
 
