@@ -9,9 +9,8 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import rmsprop_gpu
-import rmsprop_gpu.ops  # noqa: F401  (registers torch.ops.rmsprop_gpu)
-
-ALL = ["torch", "triton", "cupy"]
+import rmsprop_gpu.ops
+from tests.matrix import BACKENDS as ALL
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,9 @@ import torch
 import rmsprop_gpu
 from rmsprop_gpu import flavor
 from tests import released
+from tests.matrix import BACKENDS
 from tests.tolerances import FLAVORS, TORCH
 
-BACKENDS = ["torch", "triton", "cupy"]
 SHAPES = [(37,), (5, 3), (2049,), (1,)]
 STEPS = 6
 LRS = [0.01 * 0.8**k for k in range(STEPS)]  # a schedule: lr changes every step

@@ -8,15 +8,15 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
-import rmsprop_gpu  # noqa: E402
-from rmsprop_gpu import BackendUnavailableError  # noqa: E402
-from tests.tolerances import FRAMEWORKS, FRAMEWORKS_CENTERED_BIAS  # noqa: E402
+import rmsprop_gpu
+from rmsprop_gpu import BackendUnavailableError
+from tests.matrix import BACKENDS as ALL
+from tests.tolerances import FRAMEWORKS, FRAMEWORKS_CENTERED_BIAS
 
-ALL = ["torch", "triton", "cupy"]
 SHAPES = [(37,), (5, 3), (2049,), (1,)]  # odd sizes; 2049 spans two kernel chunks
 STEPS = 8
 

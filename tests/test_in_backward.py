@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import rmsprop_gpu
-
-ALL = ["torch", "triton", "cupy"]
+from tests.matrix import BACKENDS as ALL
 
 
 def mlp(seed=0):

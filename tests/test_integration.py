@@ -9,8 +9,8 @@ import torch
 
 import rmsprop_gpu
 from rmsprop_gpu.backends import BACKENDS
+from tests.matrix import BACKENDS as ALL
 
-ALL = ["torch", "triton", "cupy"]
 KERNELS = ["triton", "cupy"]
 
 

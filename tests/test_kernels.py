@@ -14,6 +14,7 @@ from rmsprop_gpu import rmsprop
 from rmsprop_gpu.backends import BACKENDS
 from rmsprop_gpu.backends._tables import BLOCK, build_tables
 from rmsprop_gpu.backends.triton_backend import constexprs
+from tests.matrix import KERNEL_BACKENDS
 from tools import sass
 from tools.kernel_report import (
     FLAG_SETS,
@@ -24,8 +25,6 @@ from tools.kernel_report import (
     minimum_bytes,
     problems,
 )
-
-KERNEL_BACKENDS = ["triton", "cupy"]
 
 
 def mixed_tensors(seed, n=37, dtype=torch.float32):
@@ -116,7 +115,7 @@ def test_hyperparameters_never_select_a_kernel():
 def test_triton_and_cuda_kernels_agree(dtype, state):
     gen = torch.Generator().manual_seed(9)
     sizes = [1, 4097, 2048, 333]
-    mk = lambda f: [f(s).to(dtype) for s in sizes]  # noqa: E731
+    mk = lambda f: [f(s).to(dtype) for s in sizes]
     ps = mk(lambda s: torch.randn(s, generator=gen))
     gs = mk(lambda s: torch.randn(s, generator=gen))
     vs = [(torch.rand(s, generator=gen) + 0.1).to(state) for s in sizes]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import rmsprop_gpu
+from tests.matrix import BACKENDS
 from tests.tolerances import TORCH
 
-BACKENDS = ["torch", "triton", "cupy"]
 OPTIONS = {
     "default": {},
     "weight_decay": dict(weight_decay=0.1),

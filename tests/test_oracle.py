@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from rmsprop_gpu import rmsprop
+from tests.matrix import BACKENDS
 from tests.tolerances import ORACLE
 from tools.oracle import reference_step
 
-BACKENDS = ["torch", "triton", "cupy"]
 LAYOUTS = [  # (param dtype, state dtype)
     (torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32),
     (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),

@@ -17,8 +17,7 @@ import torch
 
 import rmsprop_gpu
 from rmsprop_gpu.backends import BACKENDS as REGISTRY
-
-ALL = ["torch", "triton", "cupy"]
+from tests.matrix import BACKENDS as ALL
 
 
 def make(backend, seed=3, **kw):
@@ -455,7 +454,7 @@ def test_in_backward_accumulation_windows_are_exact_per_param(backend):
     """accumulation_steps=3: a param that misses some backward passes of a window (the last one included) is
     stepped at the window's end with what it accumulated, as a normal step() after 3 backwards does."""
     kw = dict(lr=0.01, momentum=0.9, centered=True, backend=backend)
-    skip = lambda step, k_pass: {(0, 2): 0, (1, 0): 2, (2, 1): 4}.get((step, k_pass))  # noqa: E731
+    skip = lambda step, k_pass: {(0, 2): 0, (1, 0): 2, (2, 1): 4}.get((step, k_pass))
     m1, m2 = _mlp(), _mlp()
     o1 = rmsprop_gpu.RMSprop(m1.parameters(), in_backward=True, accumulation_steps=3, bucket_mb=1e-4, **kw)
     got = _train_accumulating(m1, o1, skip)

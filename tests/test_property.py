@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rmsprop_gpu import rmsprop
+from tests.matrix import BACKENDS
 from tests.tolerances import ORACLE
 from tools.oracle import reference_step
 
@@ -13,7 +14,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @settings(max_examples=40, deadline=None)
 @given(
-    backend=st.sampled_from(["torch", "triton", "cupy"]),
+    backend=st.sampled_from(BACKENDS),
     dtype=st.sampled_from(list(DTYPES)),
     f32_state=st.booleans(),
     sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=4),

@@ -10,9 +10,9 @@ import torch
 
 import rmsprop_gpu
 from rmsprop_gpu import rmsprop
+from tests.matrix import BACKENDS
 from tools.oracle import mix32 as _mix32
 
-BACKENDS = ["torch", "triton", "cupy"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -8,8 +8,8 @@ import torch
 
 import rmsprop_gpu
 from rmsprop_gpu.backends import BACKENDS as REGISTRY
+from tests.matrix import BACKENDS as ALL
 
-ALL = ["torch", "triton", "cupy"]
 KERNELS = ["triton", "cupy"]
 
 

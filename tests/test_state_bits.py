@@ -11,11 +11,11 @@ import torch
 
 import rmsprop_gpu
 from rmsprop_gpu import quantize, rmsprop
+from tests.matrix import BACKENDS
 from tests.test_rounding import check_resume_is_bit_identical
 from tests.tolerances import ORACLE, Q8_CODES
 from tools.oracle import q8_decode, q8_encode, reference_step, stream_r16
 
-BACKENDS = ["torch", "triton", "cupy"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 VARIANTS = {"plain": (0.0, False), "momentum": (0.9, False), "centered": (0.0, True),
             "centered_momentum": (0.9, True)}
@@ -118,7 +118,7 @@ def test_every_variant_dtype_layout_against_the_quantizing_float64_oracle(backen
     qb = quantize.encode(b0, True) if momentum else None
     qa = quantize.encode(a0, True) if centered else None
     # the oracle: decode (exact), one float64 step, in the kernels' element order (p's memory order)
-    flat = lambda t: quantize.kernel_order(t, p).double()  # noqa: E731
+    flat = lambda t: quantize.kernel_order(t, p).double()
     dv = torch.from_numpy(q8_decode(qv.numpy(), n, False)) ** 2  # v; centered: the variance v - ga^2
     db = torch.from_numpy(q8_decode(qb.numpy(), n, True)) if momentum else None
     da = torch.from_numpy(q8_decode(qa.numpy(), n, True)) if centered else None

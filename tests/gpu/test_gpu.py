@@ -132,7 +132,7 @@ def test_parity_with_torch_optim_on_device(backend, opts):
     qs = [p.clone() for p in ps]
     ds = [p.double() for p in ps]
     g2 = dict(lr=0.003, alpha=0.95)
-    groups = lambda xs: [{"params": xs[:2]}, {"params": xs[2:], **g2}]  # noqa: E731
+    groups = lambda xs: [{"params": xs[:2]}, {"params": xs[2:], **g2}]
     ours = rmsprop_gpu.RMSprop(groups(ps), lr=0.01, backend=backend, **opts)
     ref = torch.optim.RMSprop(groups(qs), lr=0.01, **opts)
     ref64 = torch.optim.RMSprop(groups(ds), lr=0.01, **opts)
@@ -331,7 +331,7 @@ def test_cupy_arrays_through_the_functional_api(dtype):
     gs = [rs.standard_normal(n).astype(dtype) for n in sizes]
     vs = [(rs.random_sample(n) + 0.05).astype(dtype) for n in sizes]
     bs = [rs.standard_normal(n).astype(dtype) for n in sizes]
-    to_t = lambda a: torch.from_numpy(cupy.asnumpy(a))  # noqa: E731
+    to_t = lambda a: torch.from_numpy(cupy.asnumpy(a))
     before = [[to_t(a) for a in xs] for xs in (ps, gs, vs, bs)]
     rmsprop_gpu.rmsprop(ps, gs, vs, None, bs, lr=0.01, momentum=0.9)  # auto: CuPy arrays go to the CuPy kernel
     cupy.cuda.get_current_stream().synchronize()
@@ -350,7 +350,7 @@ def graph_pair(backend, **kw):
     for p, q in zip(ps, qs):
         p.grad = torch.randn_like(p)
         q.grad = p.grad.clone()
-    mk = lambda params: rmsprop_gpu.RMSprop(params, lr=torch.tensor(0.01, device=DEVICE), capturable=True,  # noqa
+    mk = lambda params: rmsprop_gpu.RMSprop(params, lr=torch.tensor(0.01, device=DEVICE), capturable=True,
                                             backend=backend, **kw)
     return ps, qs, mk(ps), mk(qs)
 
