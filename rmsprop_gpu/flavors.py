@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .optimizer import RMSprop
+from .optimizer import FLAVORS, RMSprop
 
 
 def _lr(cls, lr, framework_lr, framework_name: str, default):
@@ -161,9 +161,8 @@ class MindSporeRMSProp(RMSprop):
                          eps_in_sqrt=True, lr_in_momentum=True, initial_accumulator_value=1.0, **ours)
 
 
-FLAVORS = {"torch": RMSprop, "tf1": TF1RMSprop, "keras": KerasRMSprop, "optax": OptaxRMSprop,
-           "timm": TimmRMSpropTF, "sb3": SB3RMSpropTFLike, "fastai": FastaiRMSProp, "paddle": PaddleRMSProp,
-           "mindspore": MindSporeRMSProp}
+FLAVORS.update(torch=RMSprop, tf1=TF1RMSprop, keras=KerasRMSprop, optax=OptaxRMSprop, timm=TimmRMSpropTF,
+               sb3=SB3RMSpropTFLike, fastai=FastaiRMSProp, paddle=PaddleRMSProp, mindspore=MindSporeRMSProp)
 
 
 def flavor(name: str) -> type[RMSprop]:

@@ -29,6 +29,10 @@ _lr_of = itemgetter("lr")
 _hyper_values = itemgetter(*(o.name for o in options.OPTIONS if o.kind == options.VALUE and o.name != "lr"))
 
 
+# every framework's RMSprop class by name, filled by rmsprop_gpu/flavors.py (rmsprop_gpu.flavor(name))
+FLAVORS: dict[str, type] = {}
+
+
 def _with_step_hooks(step):
     """What torch.optim.Optimizer wraps every step() in (Optimizer.profile_hook_step): the global and the
     optimizer's own pre- and post-hooks, the profiler's record of the step and _optimizer_step_code; the record
@@ -92,27 +96,22 @@ class RMSprop(Optimizer):
         self._in_backward = InBackward(self, bucket_mb, accumulation_steps) if in_backward else None
         super().__init__(params, defaults)
 
-    # ---- other frameworks' RMSprop, in their own argument names and defaults: rmsprop_gpu/flavors.py's classes
+    # ---- other frameworks' RMSprop, in their own argument names and defaults: the classes of flavors.py, which
+    # registers them in FLAVORS (flavors imports this module, never the reverse)
     @classmethod
     def keras(cls, params, *args, **kwargs) -> RMSprop:
-        """Keras 3's RMSprop: rmsprop_gpu.flavors.KerasRMSprop (learning_rate, rho, ...)."""
-        from .flavors import KerasRMSprop
-
-        return KerasRMSprop(params, *args, **kwargs)
+        """Keras 3's RMSprop: rmsprop_gpu.KerasRMSprop (learning_rate, rho, ...)."""
+        return FLAVORS["keras"](params, *args, **kwargs)
 
     @classmethod
     def tf1(cls, params, *args, **kwargs) -> RMSprop:
-        """TF1's RMSPropOptimizer: rmsprop_gpu.flavors.TF1RMSprop (learning_rate, decay, ...)."""
-        from .flavors import TF1RMSprop
-
-        return TF1RMSprop(params, *args, **kwargs)
+        """TF1's RMSPropOptimizer: rmsprop_gpu.TF1RMSprop (learning_rate, decay, ...)."""
+        return FLAVORS["tf1"](params, *args, **kwargs)
 
     @classmethod
     def optax(cls, params, *args, **kwargs) -> RMSprop:
-        """optax.rmsprop: rmsprop_gpu.flavors.OptaxRMSprop (learning_rate, decay, ...)."""
-        from .flavors import OptaxRMSprop
-
-        return OptaxRMSprop(params, *args, **kwargs)
+        """optax.rmsprop: rmsprop_gpu.OptaxRMSprop (learning_rate, decay, ...)."""
+        return FLAVORS["optax"](params, *args, **kwargs)
 
     def __setstate__(self, state):
         super().__setstate__(state)
