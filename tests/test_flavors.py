@@ -61,7 +61,7 @@ def _compare(got, want, tol, states=True):
 
 
 def _dtypes(backend):
-    return [torch.float64] if backend == "torch" else [torch.float32, torch.bfloat16]
+    return [torch.float64] if backend == "torch" else [torch.float32, torch.float16, torch.bfloat16]
 
 
 TIMM_CASES = {
@@ -84,7 +84,7 @@ def test_timm_flavor_matches_released_timm(backend, case):
     want = _run(lambda ps: RMSpropTF(ps, **kw), params, grads, torch.float64)
     for dtype in _dtypes(backend):
         got = _run(lambda ps: flavor("timm")(ps, backend=backend, **kw), params, grads, dtype)
-        _compare(got, want, _tolerance(backend, dtype), states=dtype != torch.bfloat16)
+        _compare(got, want, _tolerance(backend, dtype), states=dtype.itemsize >= 4)
 
 
 SB3_CASES = {"defaults": dict(), "momentum": dict(momentum=0.9), "centered": dict(centered=True, momentum=0.5),
@@ -100,7 +100,7 @@ def test_sb3_flavor_matches_released_sb3(backend, case):
     want = _run(lambda ps: RMSpropTFLike(ps, **kw), params, grads, torch.float64)
     for dtype in _dtypes(backend):
         got = _run(lambda ps: flavor("sb3")(ps, backend=backend, **kw), params, grads, dtype)
-        _compare(got, want, _tolerance(backend, dtype), states=dtype != torch.bfloat16)
+        _compare(got, want, _tolerance(backend, dtype), states=dtype.itemsize >= 4)
 
 
 class _Transcribed(torch.optim.Optimizer):
@@ -155,7 +155,7 @@ def test_fastai_flavor_matches_fastai_formula(backend, case):
     want = _run(lambda ps: _Transcribed(ps, fastai_formula, **kw), params, grads, torch.float64)
     for dtype in _dtypes(backend):
         got = _run(lambda ps: flavor("fastai")(ps, backend=backend, **kw), params, grads, dtype)
-        _compare(got, want, _tolerance(backend, dtype), states=dtype != torch.bfloat16)
+        _compare(got, want, _tolerance(backend, dtype), states=dtype.itemsize >= 4)
 
 
 def tf_like_formula(p, g, st, lr, rho, eps, momentum, centered, wd, ms_init):
@@ -195,7 +195,7 @@ def test_paddle_and_mindspore_flavors_match_their_formulas(backend, case):
     for dtype in _dtypes(backend):
         got = _run(lambda ps: flavor(case.split("_")[0])(ps, lr=0.01, backend=backend, **ours), params, grads,
                    dtype)
-        _compare(got, want, _tolerance(backend, dtype), states=dtype != torch.bfloat16)
+        _compare(got, want, _tolerance(backend, dtype), states=dtype.itemsize >= 4)
 
 
 @pytest.mark.parametrize("name", list(rmsprop_gpu.FLAVORS))
