@@ -28,13 +28,22 @@ def _lr(cls, lr, framework_lr, framework_name: str, default):
     return value
 
 
+def _no_locking(cls, use_locking) -> None:
+    """TF's and MindSpore's use_locking (a lock on the variables' update) is taken in its place in the argument
+    order; True is refused: there is nothing to lock, one launch writes each element once."""
+    if use_locking:
+        raise ValueError(f"{cls.__name__}(use_locking=True) is not supported: one fused launch writes each element "
+                         "once, there is no concurrent update to lock out (pass use_locking=False)")
+
+
 class TF1RMSprop(RMSprop):
     """TF1's tf.compat.v1.train.RMSPropOptimizer (tensorflow/python/training/rmsprop.py, TF 1.15 / 2.x compat.v1):
     ms starts at 1, ms = decay*ms + (1-decay)*g^2, mom = momentum*mom + lr*g/sqrt(ms + eps), var -= mom; centered
     subtracts mg^2 inside the root."""
 
-    def __init__(self, params, learning_rate=None, decay=0.9, momentum=0.0, epsilon=1e-10, centered=False, *,
-                 lr=None, **ours):
+    def __init__(self, params, learning_rate=None, decay=0.9, momentum=0.0, epsilon=1e-10, use_locking=False,
+                 centered=False, *, lr=None, **ours):
+        _no_locking(type(self), use_locking)
         super().__init__(params, lr=_lr(type(self), lr, learning_rate, "learning_rate", None), alpha=decay,
                          eps=epsilon, momentum=momentum, centered=centered, eps_in_sqrt=True, lr_in_momentum=True,
                          initial_accumulator_value=1.0, **ours)
@@ -151,8 +160,9 @@ class MindSporeRMSProp(RMSprop):
     param groups with weight_decay=0 for the norms MindSpore's default filter skips). loss_scale != 1 is refused
     (use torch.amp.GradScaler, which this class takes)."""
 
-    def __init__(self, params, learning_rate=None, decay=0.9, momentum=0.0, epsilon=1e-10, centered=False,
-                 loss_scale=1.0, weight_decay=0.0, *, lr=None, **ours):
+    def __init__(self, params, learning_rate=None, decay=0.9, momentum=0.0, epsilon=1e-10, use_locking=False,
+                 centered=False, loss_scale=1.0, weight_decay=0.0, *, lr=None, **ours):
+        _no_locking(type(self), use_locking)
         if loss_scale != 1.0:
             raise ValueError("loss_scale != 1.0 is not supported: use torch.amp.GradScaler (its grad_scale is "
                              "applied in the kernels)")

@@ -104,9 +104,11 @@ class RMSprop(Optimizer):
         return FLAVORS["keras"](params, *args, **kwargs)
 
     @classmethod
-    def tf1(cls, params, *args, **kwargs) -> RMSprop:
-        """TF1's RMSPropOptimizer: rmsprop_gpu.TF1RMSprop (learning_rate, decay, ...)."""
-        return FLAVORS["tf1"](params, *args, **kwargs)
+    def tf1(cls, params, learning_rate, decay=0.9, momentum=0.0, epsilon=1e-10, centered=False, **ours) -> RMSprop:
+        """TF1's RMSPropOptimizer: rmsprop_gpu.TF1RMSprop (this classmethod's positional order predates it: no
+        use_locking)."""
+        return FLAVORS["tf1"](params, learning_rate, decay=decay, momentum=momentum, epsilon=epsilon,
+                              centered=centered, **ours)
 
     @classmethod
     def optax(cls, params, *args, **kwargs) -> RMSprop:

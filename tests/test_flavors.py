@@ -243,6 +243,9 @@ def test_flavors_refuse_what_they_cannot_run():
         flavor("tf1")(p)
     with pytest.raises(TypeError, match="clipnorm"):
         flavor("keras")(p, clipnorm=1.0)
+    with pytest.raises(ValueError, match="use_locking"):
+        flavor("tf1")(p, 0.1, 0.9, 0.0, 1e-10, True)  # TF1's positional order: use_locking before centered
+    assert flavor("mindspore")(p, 0.1, 0.9, 0.0, 1e-10, False, True).defaults["centered"]
     with pytest.raises(ValueError, match="unknown flavor"):
         flavor("caffe")
     with pytest.raises(ValueError, match="raw_grad_momentum"):
