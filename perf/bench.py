@@ -491,7 +491,7 @@ def run(args, on_row=None) -> dict:
     if args.dry_run:
         assert device.type == "cpu", "--dry-run is the CPU rehearsal of --gpu-check"
         os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton kernel is first imported (at its first launch)
-        from tests.cuda_cpu.cpu_module import cpu_module_factory  # the .cu built by g++ behind CuPy's seam
+        from tools.cuda_cpu.cpu_module import cpu_module_factory  # the .cu built by g++ behind CuPy's seam
 
         rmsprop_gpu.backends.BACKENDS["cupy"].use_module_factory(cpu_module_factory, device_types=("cpu",))
     env = environment(device)

@@ -1,5 +1,5 @@
 """Every kernel test runs the real kernel text on the CPU: Triton through its interpreter, the CUDA C source
-compiled by g++ (tests/cuda_cpu) behind the CuPy backend's module seam. Nothing is skipped for lack of a GPU."""
+compiled by g++ (tools/cuda_cpu) behind the CuPy backend's module seam. Nothing is skipped for lack of a GPU."""
 
 import atexit
 import os
@@ -28,7 +28,7 @@ if _spec is not None and "kernels" not in sys.modules:
     _spec.loader.exec_module(_module)
 
 from rmsprop_gpu.backends import BACKENDS  # noqa: E402
-from tests.cuda_cpu.cpu_module import cpu_module_factory  # noqa: E402
+from tools.cuda_cpu.cpu_module import cpu_module_factory  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

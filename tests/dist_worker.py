@@ -47,7 +47,7 @@ def worker(rank: int, world: int, mode: str, backend: str, port: str, out: str):
 
     if backend == "cupy":
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from tests.cuda_cpu.cpu_module import cpu_module_factory
+        from tools.cuda_cpu.cpu_module import cpu_module_factory
 
         rmsprop_gpu.backends.BACKENDS["cupy"].use_module_factory(cpu_module_factory)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only, whatever the hostname resolves to

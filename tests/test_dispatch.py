@@ -56,7 +56,7 @@ def test_missing_packages_are_named(monkeypatch):
     try:
         assert "cupy is not installed" in backends.BACKENDS["cupy"].unavailable_reason(torch.device("cuda"))
     finally:
-        from tests.cuda_cpu.cpu_module import cpu_module_factory
+        from tools.cuda_cpu.cpu_module import cpu_module_factory
 
         backends.BACKENDS["cupy"].use_module_factory(cpu_module_factory)
 
@@ -83,7 +83,7 @@ def test_real_cupy_reports_the_gpu_it_sees_and_refuses_cpu_tensors():
             rmsprop_gpu.rmsprop([p], [torch.randn(4)], [torch.zeros(4)], backend="cupy")
         assert rmsprop_gpu.available_backends("cpu")["cupy"]["usable"] is False
     finally:
-        from tests.cuda_cpu.cpu_module import cpu_module_factory
+        from tools.cuda_cpu.cpu_module import cpu_module_factory
 
         cupy_backend.use_module_factory(cpu_module_factory)
 

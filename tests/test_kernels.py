@@ -278,7 +278,7 @@ def test_compile_time_flags_build_matches_the_run_time_flags_build(options):
     """The GPU loader builds one entry point per (layout, flags) with the flags as template constants; the CPU
     tests run the run-time-flags instantiation of the same source. For the entry points a step really uses, both
     builds (g++) give bit-identical params and states, on full chunks and an unaligned tail."""
-    from tests.cuda_cpu.cpu_module import static_kernel
+    from tools.cuda_cpu.cpu_module import static_kernel
 
     cupy = BACKENDS["cupy"]
 

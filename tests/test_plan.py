@@ -166,7 +166,7 @@ def test_a_swapped_state_storage_is_never_written_after_free(backend):
         sys.path.insert(0, {os.getcwd()!r})
         import torch, rmsprop_gpu
         from rmsprop_gpu.backends import BACKENDS
-        from tests.cuda_cpu.cpu_module import cpu_module_factory
+        from tools.cuda_cpu.cpu_module import cpu_module_factory
         BACKENDS["cupy"].use_module_factory(cpu_module_factory, device_types=("cpu",))
         from tests.test_plan import make
         (a, pa), (b, pb) = make({backend!r}), make({backend!r})

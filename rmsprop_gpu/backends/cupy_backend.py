@@ -2,7 +2,7 @@
 
 Takes torch CUDA tensors (launched on torch's current stream) and CuPy arrays (on CuPy's current
 stream), so a CuPy user needs no torch tensors. The module factory is a seam: tests put a module
-compiled for the CPU (tests/cuda_cpu) in its place, so this file's own table building, argument
+compiled for the CPU (tools/cuda_cpu) in its place, so this file's own table building, argument
 marshalling and launch configuration are what the CPU tests drive.
 """
 

@@ -26,7 +26,7 @@ if not (ON_CUDA or DRY_RUN):
 def _kernels_where_they_run():
     if DRY_RUN:
         from rmsprop_gpu.backends import BACKENDS
-        from tests.cuda_cpu.cpu_module import cpu_module_factory
+        from tools.cuda_cpu.cpu_module import cpu_module_factory
 
         BACKENDS["cupy"].use_module_factory(cpu_module_factory, device_types=("cpu",))
     yield
