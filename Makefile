@@ -19,21 +19,21 @@ test: $(STAMP)  ## the whole suite on the CPU: kernels through the Triton interp
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -W ignore::RuntimeWarning
 	smoke=$$(mktemp -d) && trap 'rm -rf "$$smoke"' EXIT && \
-	$(BIN)/python perf/bench.py --smoke --summary --out "$$smoke" > /dev/null && \
-	$(BIN)/python perf/host_overhead.py --smoke --out "$$smoke/host_overhead" > /dev/null && \
-	$(BIN)/python perf/training_stack.py --smoke --out "$$smoke/training_stack" > /dev/null && \
-	$(BIN)/python perf/stochastic_rounding.py --smoke --out "$$smoke/stochastic_rounding" > /dev/null && \
-	$(BIN)/python perf/state_bits.py --smoke --out "$$smoke/state_bits" > /dev/null
-	$(BIN)/python perf/gpu_check.py --dry-run
+	$(BIN)/python -m perf.bench --smoke --summary --out "$$smoke" > /dev/null && \
+	$(BIN)/python -m perf.host_overhead --smoke --out "$$smoke/host_overhead" > /dev/null && \
+	$(BIN)/python -m perf.training_stack --smoke --out "$$smoke/training_stack" > /dev/null && \
+	$(BIN)/python -m perf.stochastic_rounding --smoke --out "$$smoke/stochastic_rounding" > /dev/null && \
+	$(BIN)/python -m perf.state_bits --smoke --out "$$smoke/state_bits" > /dev/null
+	$(BIN)/python -m perf.gpu_check --dry-run
 
 demo: $(STAMP)  ## the main job on the best device: train, self-check every backend, quick benchmark + plot
-	$(BIN)/python perf/demo.py
+	$(BIN)/python -m perf.demo
 
 bench: $(STAMP)  ## the full benchmark suite (GPU: every workload; CPU: small sizes, labelled CPU)
-	$(BIN)/python perf/bench.py
+	$(BIN)/python -m perf.bench
 
 host-overhead: $(STAMP)  ## host time per step with the launch stubbed (perf/results/host_overhead_cpu.*)
-	$(BIN)/python perf/host_overhead.py
+	$(BIN)/python -m perf.host_overhead
 
 # The GPU image's Triton, for the static report beside the pinned one (installed apart: build/triton-<version>)
 TRITON_GPU_IMAGE ?= 3.6.0
@@ -44,10 +44,10 @@ $(TRITON_IMAGE_DIR)/.installed:
 	touch $@
 
 stochastic-rounding: $(STAMP)  ## bf16 training with/without stochastic rounding vs fp32 (perf/results/stochastic_rounding_cpu.*)
-	$(BIN)/python perf/stochastic_rounding.py
+	$(BIN)/python -m perf.stochastic_rounding
 
 state-bits: $(STAMP)  ## 8-bit vs 32-bit state: bytes, digits MLP training, one-step error (perf/results/state_bits_cpu.*)
-	$(BIN)/python perf/state_bits.py
+	$(BIN)/python -m perf.state_bits
 
 report: $(STAMP) $(TRITON_IMAGE_DIR)/.installed  ## static kernel report (no GPU needed): pinned Triton + the GPU image's
 	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_IMAGE_DIR) $(BIN)/python -m tools.kernel_report \
@@ -57,10 +57,10 @@ report: $(STAMP) $(TRITON_IMAGE_DIR)/.installed  ## static kernel report (no GPU
 		--markdown perf/results/static_report.md --json perf/results/static_report.json
 
 gpu-check:  ## on a lent GPU machine: its own python3 and packages (no venv, no downloads); results in $$OUT
-	python3 perf/gpu_check.py
+	python3 -m perf.gpu_check
 
 gpu-check-cpu: $(STAMP)  ## the same script rehearsed on the CPU (interpreter, g++ build of the .cu, tiny sizes)
-	$(BIN)/python perf/gpu_check.py --dry-run
+	$(BIN)/python -m perf.gpu_check --dry-run
 
 gpu-image-check:  ## the GPU machine's versions (Python 3.12, torch 2.11, triton 3.6, ...) on the CPU: rehearsal + kernel tests
 	bash tools/gpu_image_check.sh

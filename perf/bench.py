@@ -1,9 +1,9 @@
 """Benchmark: fused RMSprop against the classic unfused baselines, on GPU (or labelled CPU).
 
-    python perf/bench.py                 # best device, full suite (GPU) or small sizes (CPU)
-    python perf/bench.py --smoke         # tiny sizes: CI's check that the harness runs end to end
-    python perf/bench.py --gpu-check     # the focused set `make gpu-check` runs (add --dry-run on the CPU)
-    python perf/plot.py perf/results/<run>.json
+    python -m perf.bench                 # best device, full suite (GPU) or small sizes (CPU)
+    python -m perf.bench --smoke         # tiny sizes: CI's check that the harness runs end to end
+    python -m perf.bench --gpu-check     # the focused set `make gpu-check` runs (add --dry-run on the CPU)
+    python -m perf.plot perf/results/<run>.json
 
 Providers: torch.optim.RMSprop for-loop (foreach=False) and foreach; a torch.compile'd step (lr as a tensor);
 a Chainer/MXNet/TF1-style per-tensor fused CuPy ElementwiseKernel (one launch per parameter); ours through
@@ -29,17 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import MODELS, numel  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import numpy as np  # noqa: E402
-
-import rmsprop_gpu  # noqa: E402
-from tools.kernel_report import minimum_bytes  # noqa: E402
-from tools.oracle import reference_step  # noqa: E402
+import rmsprop_gpu
+from perf.models import MODELS, numel
+from tools.kernel_report import minimum_bytes
+from tools.oracle import reference_step
 
 LR = 1e-3
 
@@ -61,7 +57,7 @@ TORCH_OPTIONS = ("momentum", "centered", "weight_decay")  # what torch.optim.RMS
 def min_bytes_per_elem(variant: str) -> int:
     """Bytes read + written per element by a single pass (DESIGN.md), the same table the static report uses."""
     v = VARIANTS[variant]
-    name = lambda dt: str(dt).removeprefix("torch.")  # noqa: E731
+    name = lambda dt: str(dt).removeprefix("torch.")
     return sum(minimum_bytes(name(v["param"]), name(v["state"] or v["param"]),
                              v["opts"].get("momentum", 0) > 0, bool(v["opts"].get("centered"))))
 
@@ -665,7 +661,7 @@ def main(argv=None) -> int:
     warning = busy_warning(result)
     if warning and not args.summary:
         print(warning)
-    from plot import plot
+    from perf.plot import plot
 
     for path in plot(stem.with_suffix(".json")):
         print(f"# wrote {path}")

@@ -16,10 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before rmsprop_gpu loads the Triton kernel
 
-import rmsprop_gpu  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
+import rmsprop_gpu
+from perf import bench
 
 
 def self_check(device) -> bool:

@@ -2,8 +2,8 @@
 kernel report with the machine's own Triton. `make gpu-check` runs it there; `make gpu-check-cpu` rehearses it
 on the CPU (kernels through the Triton interpreter and the g++ build of the .cu, tiny sizes).
 
-    python3 perf/gpu_check.py             # GPU machine: the machine's python3 and packages, no downloads
-    python3 perf/gpu_check.py --dry-run   # CPU rehearsal of every stage (CI runs it)
+    python3 -m perf.gpu_check             # GPU machine: the machine's python3 and packages, no downloads
+    python3 -m perf.gpu_check --dry-run   # CPU rehearsal of every stage (CI runs it)
 
 Results go to $OUT when set (the device tool brings that folder back), else perf/results/gpu/ (dry run:
 perf/results/cpu/gpu_check/). Every stage runs in its own process under its own timeout; a stage that fails or
@@ -149,7 +149,7 @@ def install(work: Path) -> int:
     for mod in ("setuptools", "wheel", "pip", "cuda.bindings"):
         try:
             found[mod] = __import__(mod, fromlist=["__version__"]).__version__
-        except Exception:  # noqa: BLE001 - absent or broken: reported
+        except Exception:
             found[mod] = "missing"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."],
                          cwd=ROOT, capture_output=True, text=True)
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
         if args.dry_run:  # make's venv already holds an editable install; prove the import instead
             r.stage("install", [py, "-c", "import rmsprop_gpu.kernels, rmsprop_gpu; print(rmsprop_gpu.__file__)"])
         else:  # no network on the GPU machine: its own packages, no build isolation, no dependencies
-            r.stage("install", [py, "perf/gpu_check.py", "--install-into", str(r.work)])
+            r.stage("install", [py, "-m", "perf.gpu_check", "--install-into", str(r.work)])
             staged = (r.work / "pythonpath").read_text() if (r.work / "pythonpath").exists() else ""
             if staged:
                 r.env["PYTHONPATH"] = os.pathsep.join([staged, r.env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         def env_after():
             return {"environment": json.loads(env_file.read_text())} if env_file.exists() else {}
 
-        r.stage("environment", ["bash", "-c", f"{py} perf/gpu_check.py --environment-only > {env_file}"], env_after)
+        r.stage("environment", ["bash", "-c", f"{py} -m perf.gpu_check --environment-only > {env_file}"], env_after)
 
     if "tests" not in args.skip:
         junit = r.work / "tests.xml"
@@ -249,13 +249,12 @@ def main(argv=None) -> int:
     if "bench" not in args.skip:
         limit = STAGES["bench"] * (DRY_RUN_FACTOR if args.dry_run else 1)
         deadline = time.time() + limit - 25  # no new case in the last 25 s: room to write and plot
-        cmd = [py, "perf/bench.py", "--gpu-check", "--out", str(out), "--stem", "bench", "--deadline", str(deadline)]
+        cmd = [py, "-m", "perf.bench", "--gpu-check", "--out", str(out), "--stem", "bench", "--deadline", str(deadline)]
         if args.dry_run:
             cmd += ["--dry-run", "--device", "cpu"]
         r.stage("bench", cmd, lambda: bench_summary(out / "bench.json"))
         if (out / "bench.json").exists() and not (out / "bench_gbps.png").exists():  # cut short before plotting
-            sys.path.insert(0, str(ROOT / "perf"))
-            from plot import plot
+            from perf.plot import plot
 
             plot(out / "bench.json")
 
@@ -265,7 +264,7 @@ def main(argv=None) -> int:
 
     if "hw_counters" not in args.skip and not args.dry_run:  # ncu, when installed: the static model on the card
         counters = r.work / "hw_counters.json"
-        r.stage("hw_counters", [py, "perf/hw_counters.py", "--json", str(counters)],
+        r.stage("hw_counters", [py, "-m", "perf.hw_counters", "--json", str(counters)],
                 lambda: {"hw_counters": json.loads(counters.read_text())} if counters.exists() else {})
 
     r.summary["seconds"] = round(time.time() - t_start, 1)

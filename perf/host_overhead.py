@@ -1,7 +1,7 @@
 """Host overhead of one optimizer step: the Python in front of the kernel, with the launch stubbed out.
 
-    python perf/host_overhead.py                 # every case, results in perf/results/host_overhead_cpu.*
-    python perf/host_overhead.py --smoke         # tiny cases: CI's check that the harness runs end to end
+    python -m perf.host_overhead                 # every case, results in perf/results/host_overhead_cpu.*
+    python -m perf.host_overhead --smoke         # tiny cases: CI's check that the harness runs end to end
 
 The seam is rmsprop_gpu.backends.launches_stubbed(): inside it the kernel backends (triton, cupy) build and
 check the plan, the tables and every launch argument, count the launch, and skip only the launch call itself
@@ -37,14 +37,11 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend takes CPU tensors (its kernel never runs)
 
-import torch  # noqa: E402
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import MODELS  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import rmsprop_gpu  # noqa: E402
-from rmsprop_gpu.backends import BACKENDS, launches_stubbed  # noqa: E402
+import rmsprop_gpu
+from perf.models import MODELS
+from rmsprop_gpu.backends import BACKENDS, launches_stubbed
 
 BACKEND_NAMES = ("triton", "cupy")
 BLOCKS = 5

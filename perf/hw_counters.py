@@ -1,6 +1,6 @@
 """Hardware counters of both kernels on a GPU (Nsight Compute), to check the static report's model against the card.
 
-    python3 perf/hw_counters.py [--json out.json]    # runs itself under `ncu` when ncu is installed
+    python3 -m perf.hw_counters [--json out.json]    # runs itself under `ncu` when ncu is installed
 
 For each layout it launches (2**24 elements, torch's defaults) it reads from ncu: warp instructions executed
 (-> thread instructions per element, the static report's `instr_per_elem`), issue-slot activity, and DRAM
@@ -40,7 +40,6 @@ def child() -> None:
     """The launches ncu profiles: one warm-up and one measured step per backend and layout."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     import rmsprop_gpu
 
     for backend in ("triton", "cupy"):
@@ -89,8 +88,8 @@ def main(argv=None) -> int:
         result = {"ncu": "not found (Nsight Compute is not installed on this machine): no hardware counters"}
     else:
         cmd = [ncu, "--csv", "--metrics", ",".join(METRICS), "--kernel-name", "regex:rmsprop",
-               "--launch-skip", "0", sys.executable, __file__, "--child"]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+               "--launch-skip", "0", sys.executable, "-m", "perf.hw_counters", "--child"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
         result = {"ncu": ncu, "returncode": res.returncode, "launches": parse(res.stdout),
                   "stderr_tail": res.stderr[-2000:]}
     print(json.dumps(result, indent=1))

@@ -1,5 +1,5 @@
 """Plots from a benchmark data file (separate from measuring): GB/s vs size with the copy line, and speedup vs
-torch foreach per workload.   python perf/plot.py perf/results/bench_cuda.json"""
+torch foreach per workload.   python -m perf.plot perf/results/bench_cuda.json"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def plot(path: Path) -> list[Path]:
     try:
         import matplotlib
     except ImportError:
-        print(f"# no plots: matplotlib is not installed (later: python perf/plot.py {path})", file=sys.stderr)
+        print(f"# no plots: matplotlib is not installed (later: python -m perf.plot {path})", file=sys.stderr)
         return []
 
     matplotlib.use("Agg")

@@ -1,6 +1,6 @@
 """8-bit blockwise state (state_bits=8) against 32-bit state: bytes, training, and the error of one step.
 
-    python perf/state_bits.py [--steps 200] [--seeds 3] [--backend torch] [--out perf/results/state_bits_cpu]
+    python -m perf.state_bits [--steps 200] [--seeds 3] [--backend torch] [--out perf/results/state_bits_cpu]
 
 1. State bytes per parameter: measured on the trained MLP's optimizer, and computed for real models' parameter
    shapes (perf/models.py) with the 4096-element threshold, for each variant (v; v + momentum; v + momentum +
@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import rmsprop_gpu  # noqa: E402
 from perf.models import MODELS  # noqa: E402
@@ -135,7 +134,7 @@ def main(argv=None) -> int:
     summary = {"steps": args.steps, "seeds": args.seeds, "lr": args.lr, "backend": args.backend,
                "variants": {k: {str(b): v for b, v in e.items()} for k, e in results.items()}}
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    lines = [f"8-bit vs 32-bit RMSprop state (`python perf/state_bits.py`): scikit-learn digits, MLP 64-256-256-10, "
+    lines = [f"8-bit vs 32-bit RMSprop state (`python -m perf.state_bits`): scikit-learn digits, MLP 64-256-256-10, "
              f"lr={args.lr}, {args.steps} full-batch steps, {args.seeds} seeds, backend {args.backend}. 8-bit state: "
              "codes + one scale byte per 16 elements (1.0625 bytes per element and state tensor); tensors under "
              f"{quantize.Q8_MIN_NUMEL} elements keep 32-bit state.", "",

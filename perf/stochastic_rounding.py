@@ -1,6 +1,6 @@
 """Pure-bf16 training with and without stochastic rounding, against float32: a small real task.
 
-    python perf/stochastic_rounding.py [--steps 1500] [--seeds 3] [--backend torch] [--out perf/results/...]
+    python -m perf.stochastic_rounding [--steps 1500] [--seeds 3] [--backend torch] [--out perf/results/...]
 
 Data: scikit-learn's digits (1797 8x8 images, shipped inside the package), standardized, 75/25 split. Model: an
 MLP 64-128-10, full-batch cross-entropy, RMSprop(lr=3e-4) for `steps` steps. Runs per seed:
@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import rmsprop_gpu  # noqa: E402
 
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     lines = [f"Pure-bf16 training, scikit-learn digits, MLP 64-128-10, RMSprop lr={args.lr}, {args.steps} full-batch "
-             f"steps, {args.seeds} seeds, backend {args.backend} (`python perf/stochastic_rounding.py`).", "",
+             f"steps, {args.seeds} seeds, backend {args.backend} (`python -m perf.stochastic_rounding`).", "",
              "| run | final train loss (mean) | per seed | test accuracy (mean) |", "|---|---|---|---|"]
     for name, r in results.items():
         f, a = r["final_train_loss"], r["test_accuracy"]

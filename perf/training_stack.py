@@ -1,7 +1,7 @@
 """Training-stack measurements: memory of the update inside backward, launches per step, compiles over 100 steps.
 
-    python perf/training_stack.py            # results in perf/results/training_stack_cpu.{json,md,png}
-    python perf/training_stack.py --smoke    # small model, few steps (CI)
+    python -m perf.training_stack            # results in perf/results/training_stack_cpu.{json,md,png}
+    python -m perf.training_stack --smoke    # small model, few steps (CI)
 
 1. Peak memory of training steps (zero_grad(set_to_none=True), the default) with torch.optim.RMSprop (foreach),
    ours, and ours with in_backward=True: a model of 16 Linear(2048, 2048) layers (268 MB of fp32 params), each
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import rmsprop_gpu  # noqa: E402
+import rmsprop_gpu
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def model(layers: int, width: int, device) -> torch.nn.Module:
@@ -123,11 +124,11 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for mode in MODES:
-        cmd = [sys.executable, __file__, "--child", mode] + (["--smoke"] if args.smoke else [])
+        cmd = [sys.executable, "-m", "perf.training_stack", "--child", mode] + (["--smoke"] if args.smoke else [])
         # a fixed mmap threshold: glibc then returns every large freed block to the OS at once, so the resident
         # set follows the live tensors (its default raises the threshold and keeps freed grads resident)
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=ROOT).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{MODES[mode]}: peak {rows[-1]['peak_above_start'] / 2**20:.0f} MiB above the start "
               f"(params {rows[-1]['param_bytes'] / 2**20:.0f} MiB)", flush=True)

@@ -11,6 +11,6 @@ print(f"gpu-image twin: Python {sys.version.split()[0]}, torch {torch.__version_
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 export TORCHINDUCTOR_COMPILE_THREADS=1  # torch 2.11's inductor compile-worker pool can hang at exit
-"$py" perf/gpu_check.py --dry-run --out "$out"
+"$py" -m perf.gpu_check --dry-run --out "$out"
 "$py" -m pytest -q -p no:cacheprovider -W ignore::RuntimeWarning -W ignore::DeprecationWarning \
   tests/test_kernels.py tests/test_rounding.py tests/test_state_bits.py tests/test_plan.py tests/test_torch_semantics.py tests/test_launches.py

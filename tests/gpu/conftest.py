@@ -1,4 +1,4 @@
-"""The GPU suite, run by `make gpu-check` on a CUDA machine (python3 perf/gpu_check.py).
+"""The GPU suite, run by `make gpu-check` on a CUDA machine (python3 -m perf.gpu_check).
 
 `make gpu-check-cpu` runs the same tests on the CPU as a dry run (RMSPROP_GPU_CHECK_DEVICE=cpu): Triton through
 its interpreter, kernels/rmsprop.cu through the g++ shim, small sizes; tests that need CUDA itself (streams,
