@@ -127,12 +127,13 @@ class FastaiRMSProp(RMSprop):
     (1-sqr_mom)*g^2; with mom, a momentum of raw grads (grad_avg = mom*grad_avg + g, no dampening) divided after:
     p -= lr * grad_avg / (sqrt(sqr_avg) + eps); weight decay decoupled (p *= 1 - lr*wd) unless decouple_wd=False
     (L2: g += wd*p). In a Learner: opt_func=partial(OptimWrapper, opt=FastaiRMSProp); its param groups keep
-    torch's names (momentum, alpha, weight_decay), which OptimWrapper maps to mom, sqr_mom, wd."""
+    torch's names (momentum, alpha, weight_decay), which OptimWrapper maps to mom, sqr_mom, wd. A momentum
+    scheduled later (fit_one_cycle's moms) runs in fastai's form; fastai's own RMSProp built with mom=0 has no
+    momentum callback and ignores it (build this class with the mom you schedule from)."""
 
     def __init__(self, params, lr=None, mom=0.0, sqr_mom=0.99, eps=1e-8, wd=0.0, decouple_wd=True, **ours):
         super().__init__(params, lr=_lr(type(self), lr, None, "lr", None), alpha=sqr_mom, eps=eps, momentum=mom,
-                         weight_decay=wd, decoupled_weight_decay=bool(decouple_wd), raw_grad_momentum=mom != 0,
-                         **ours)
+                         weight_decay=wd, decoupled_weight_decay=bool(decouple_wd), raw_grad_momentum=True, **ours)
 
 
 class PaddleRMSProp(RMSprop):
