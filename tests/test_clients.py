@@ -158,3 +158,27 @@ def test_lightning_fit_and_checkpoint_resume_as_with_torchs_rmsprop(tmp_path):
 
     for a, b in zip(run(rmsprop_gpu.RMSprop), run(torch.optim.RMSprop)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_readme_snippets_run_without_warnings():
+    """The README's use snippets as written (on the CPU: .cuda() dropped, as the README says), with the names
+    the functional ones leave to the reader defined; no warning."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    use = readme[readme.index("## Use"):readme.index("Install as a package")]
+    blocks = re.findall(r"```python\n(.*?)```", use, re.S)
+    assert len(blocks) == 3
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(37,), (5, 3)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    before = [p.clone() for p in params]
+    namespace = {"params": params, "grads": [torch.randn(s, generator=gen) for s in shapes],
+                 "new_grads": [torch.randn(s, generator=gen) for s in shapes],
+                 "square_avgs": [torch.zeros(s) for s in shapes], "grad_avgs": [torch.zeros(s) for s in shapes],
+                 "momentum_buffers": [torch.zeros(s) for s in shapes], "state_steps": [torch.zeros(()) for _ in shapes]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for block in blocks:
+            code = block.replace(".cuda()", "").replace('device="cuda"', 'device="cpu"')
+            exec(compile(code, "README.md", "exec"), namespace)
+    assert all(not torch.equal(a, b) for a, b in zip(params, before))  # the functional steps ran on them
+    assert namespace["opt"].state  # and the optimizer stepped
