@@ -314,3 +314,31 @@ def test_in_backward_refuses_clipping_instead_of_clipping_nothing(clip):
     gc.collect()
     model(torch.randn(2, 4)).sum().backward()
     fn(model.parameters(), 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["timm", "sb3"])
+def test_resume_from_the_frameworks_own_checkpoint(name, backend):
+    """A state_dict saved by timm's RMSpropTF or SB3's RMSpropTFLike (SB3 keeps step as a Python int) loads into
+    our class, which then continues that run: the same params as the framework continuing it."""
+    theirs = (released.timm_optim().RMSpropTF if name == "timm" else released.sb3_rmsprop_tf_like().RMSpropTFLike)
+    kw = (dict(lr=0.01, momentum=0.9, eps=1e-3, weight_decay=0.01, decoupled_decay=True) if name == "timm"
+          else dict(lr=0.01, momentum=0.9, centered=True, eps=1e-5))
+    params, grads = _data(16)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    a = [p.to(dtype) for p in params]
+    oa = theirs(a, **kw)
+    for k in range(3):
+        for p, g in zip(a, grads[k]):
+            p.grad = g.to(dtype)
+        oa.step()
+    b = [p.clone() for p in a]
+    ob = flavor(name)(b, backend=backend, **kw)
+    ob.load_state_dict(copy.deepcopy(oa.state_dict()))
+    for k in range(3, STEPS):
+        for opt, ps in ((oa, a), (ob, b)):
+            for p, g in zip(ps, grads[k]):
+                p.grad = g.to(dtype)
+            opt.step()
+    for x, y in zip(b, a):
+        torch.testing.assert_close(x.double(), y.double(), **_tolerance(backend, dtype))
