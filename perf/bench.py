@@ -657,10 +657,13 @@ def main(argv=None) -> int:
         args.stem or f"bench_{device.type}{'_smoke' if args.smoke else ''}")
     result = run(args, on_row=lambda res: write_results(res, stem))
     write_results(result, stem)
-    print(summary(result) if args.summary else markdown(result))
-    warning = busy_warning(result)
-    if warning and not args.summary:
-        print(warning)
+    if args.summary:
+        print(summary(result))  # the warning, if any, is in it
+    else:
+        print(markdown(result))
+        warning = busy_warning(result)
+        if warning:
+            print(warning)
     from perf.plot import plot
 
     for path in plot(stem.with_suffix(".json")):

@@ -31,8 +31,7 @@ from ._contract import (
     check_float32_range,
     check_no_overlap,
 )
-from .options import STRUCTURAL, refuse_combinations, refuse_for_tensors
-from .options import reads_steps as kernel_reads_steps
+from .options import STRUCTURAL, reads_steps, refuse_combinations, refuse_for_tensors
 
 _data_ptr = torch.Tensor.data_ptr
 
@@ -60,7 +59,7 @@ def check_groups(params, grads, square_avgs, grad_avgs, momentum_buffer_list, st
                           stream_ids)
     refuse_for_tensors(hyper, [(g.param_dtype, g.state_dtype) for g in groups], bool(state_steps))
     for g in groups:  # the kernels read these counters (the host advances them after the launch)
-        g.read_steps = kernel_reads_steps(hyper, g.state_dtype == "uint8")
+        g.read_steps = reads_steps(hyper, g.state_dtype == "uint8")
     if foreach is False:  # torch's for-loop layout: one launch per tensor
         groups = [one for g in groups for one in g.split()]
     out = []

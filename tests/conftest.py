@@ -13,6 +13,7 @@ os.environ["RMSPROP_GPU_CACHE_DIR"] = tempfile.mkdtemp(prefix="rmsprop_gpu_cache
 atexit.register(shutil.rmtree, os.environ["RMSPROP_GPU_CACHE_DIR"], ignore_errors=True)  # leave no dir behind
 
 import importlib.machinery  # noqa: E402
+import importlib.util  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 

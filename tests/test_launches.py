@@ -2,21 +2,24 @@
 groups of layer-wise lr decay), the hyper table uploads only on change, the functional plan, the CPU cache
 batches, and random multi-group configurations against torch."""
 
-
 import pytest
 import torch
 
 import rmsprop_gpu
 from rmsprop_gpu.backends import BACKENDS as REGISTRY
 from tests.matrix import BACKENDS as ALL
+from tests.matrix import KERNEL_BACKENDS as KERNELS
 
-KERNELS = ["triton", "cupy"]
 
-
-def pair(make, backend, **kw):
-    """The same params under ours and torch.optim.RMSprop."""
-    a, b = make(), make()
-    return a, b, rmsprop_gpu.RMSprop(a, backend=backend, **kw), torch.optim.RMSprop(b, **kw)
+def assert_matches_torch(ours, ref):
+    """Every param and state tensor of `ours` against torch.optim.RMSprop's `ref` (the same param groups), the
+    same state keys, within float32 rounding (inf and NaN where torch has them)."""
+    for ga, gb in zip(ours.param_groups, ref.param_groups):
+        for p, q in zip(ga["params"], gb["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, equal_nan=True)
+            assert set(ours.state[p]) == set(ref.state[q])
+            for key, t in ref.state[q].items():
+                torch.testing.assert_close(ours.state[p][key], t, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
 # ---------------------------------------------------------------- the step plan
@@ -110,11 +113,7 @@ def test_forty_param_groups_are_one_launch_and_match_torch(backend, variant):
         assert b.launches - n0 == 1  # 40 param groups, one layout: one launch
         sched_a.step()
         sched_b.step()
-    for ga, gb in zip(ours.param_groups, ref.param_groups):
-        for p, q in zip(ga["params"], gb["params"]):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, equal_nan=True)
-            for key, t in ours.state[p].items():
-                torch.testing.assert_close(t, ref.state[q][key], rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert_matches_torch(ours, ref)
     assert torch.isinf(ours.param_groups[3]["params"][0][2])  # not NaN: no weight decay term in that slot
 
 
@@ -365,8 +364,4 @@ def test_random_multi_group_configurations_match_torch(backend, seed):
                 p.grad, q.grad = g.clone(), g.clone()
         ours.step()
         ref.step()
-    for ga, gb in zip(ours.param_groups, ref.param_groups):
-        for p, q in zip(ga["params"], gb["params"]):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, equal_nan=True)
-            for k, v in ref.state[q].items():
-                torch.testing.assert_close(ours.state[p][k], v, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert_matches_torch(ours, ref)

@@ -10,8 +10,7 @@ import torch
 
 import rmsprop_gpu
 from tests.matrix import BACKENDS as ALL
-
-KERNELS = ["triton", "cupy"]
+from tests.matrix import KERNEL_BACKENDS as KERNELS
 
 
 def pair(make, backend, **kw):
