@@ -146,6 +146,26 @@ __device__ __forceinline__ u32 stream_key(u32 seed, long long step, u32 stream) 
   return hi ? mix32(key ^ hi) : key;
 }
 __device__ __forceinline__ u32 pair_bits(u32 key, i64 index, u32 pair) { return mix32(key ^ ((u32)index * 2u + pair)); }
+// The hashes of an aligned group, elements i .. i + n - 1 with i a multiple of n (n = 16 or a packet): for
+// low = 2k + pair < 2n, 2i has zeros where low has ones, so key ^ (2(i + k) + pair) = (key ^ 2i) ^ low, and
+// low < 2^16 passes mix32's first xorshift untouched: that part is computed once per group. pre(low) is mix32
+// without its last xorshift, which changes only the low half: the hash's high 16 bits are pre >> 16, its low 16
+// bits (pre ^ pre >> 16) & 0xFFFF (hi16 / lo16).
+struct HashGroup {
+  u32 base;
+  __device__ __forceinline__ HashGroup(u32 key, i64 i) {
+    const u32 x = key ^ ((u32)i * 2u);
+    base = x ^ (x >> 16);
+  }
+  __device__ __forceinline__ u32 pre(u32 low) const {
+    u32 x = (base ^ low) * 0x7FEB352Du;
+    x ^= x >> 15;
+    return x * 0x846CA68Bu;
+  }
+  __device__ __forceinline__ u32 hash(u32 low) const { const u32 x = pre(low); return x ^ (x >> 16); }
+};
+__device__ __forceinline__ u32 hi16(u32 pre) { return pre >> 16; }
+__device__ __forceinline__ u32 lo16(u32 pre) { return (pre ^ (pre >> 16)) & 0xFFFFu; }
 
 template <typename T> __device__ __forceinline__ T from_float_sr(float x, u32 r16);
 template <> __device__ __forceinline__ bf16 from_float_sr<bf16>(float x, u32 r16) {
@@ -154,17 +174,18 @@ template <> __device__ __forceinline__ bf16 from_float_sr<bf16>(float x, u32 r16
   out.bits = (bits & 0x7FFFFFFFu) > 0x7F800000u ? (u16)0x7FC0 : (u16)((bits + r16) >> 16);
   return out;
 }
+// Without branches: every path is computed and selected (a branch per element would diverge within warps).
 template <> __device__ __forceinline__ f16 from_float_sr<f16>(float x, u32 r16) {
   const u32 bits = __float_as_uint(x), mag = bits & 0x7FFFFFFFu, e = mag >> 23;
-  if (mag >= 0x7F800000u) return from_float<f16>(x);  // inf, NaN
-  if (e >= 103u) {  // |x| >= 2^-24: drop the bits below the f16 spacing (2^-24 in f16's subnormal range)
-    const u32 drop = e >= 113u ? 13u : 126u - e;  // 13..23; the random bits fill the top of the dropped field
-    const u32 noise = (r16 << 16) >> (32u - drop);
-    return from_float<f16>(__uint_as_float((bits & 0x80000000u) | ((mag + noise) & (0xFFFFFFFFu << drop))));
-  }
-  const float tiny = 5.9604644775390625e-8f;  // 2^-24, the smallest f16 subnormal
-  const float up = __uint_as_float(mag) * 16777216.0f > (float)r16 * 1.52587890625e-5f ? tiny : 0.0f;
-  return from_float<f16>((bits >> 31) ? -up : up);  // 0 or 2^-24, with probability |x| / 2^-24
+  // |x| >= 2^-24: drop the bits below the f16 spacing (13; up to 23 in f16's subnormal range), the random bits at
+  // the top of the dropped field; a finite x never carries into the sign
+  const int d = 126 - (int)e;
+  const u32 drop = d < 13 ? 13u : (d > 23 ? 23u : (u32)d);
+  const u32 big = (bits + ((r16 << 16) >> (32u - drop))) & (0xFFFFFFFFu << drop);
+  // below: 0 or 2^-24 (bits 0x33800000), up with probability |x| / 2^-24 (|x| * 2^40 and r16 are exact in float)
+  const u32 tiny = (bits & 0x80000000u) | (__uint_as_float(mag) * 1099511627776.0f > (float)r16 ? 0x33800000u : 0u);
+  const u32 y = mag >= 0x7F800000u ? bits : (e >= 103u ? big : tiny);  // inf, NaN as they are (cvt keeps them)
+  return from_float<f16>(__uint_as_float(y));
 }
 template <typename T>
 __device__ __forceinline__ T store_value(float x, bool sr, u32 h, int shift) {
@@ -204,45 +225,69 @@ struct q8 { unsigned char bits; };
 template <typename T> struct is_q8 { static constexpr bool value = false; };
 template <> struct is_q8<q8> { static constexpr bool value = true; };
 
-#define Q8_TWO_112 5.192296858534828e33f   // 2^112: a code's 4 exponent bits become a float's (half trick)
 #define Q8_TWO_M112 1.925929944387236e-34f  // 2^-112
 
-template <bool SIGNED> __device__ __forceinline__ float q8_decode(u32 c, float scale) {
-  const float x = __uint_as_float(SIGNED ? (c & 0x7Fu) << 20 : c << 19) * Q8_TWO_112;  // exact
-  return ((SIGNED && (c & 0x80u)) ? -x : x) * scale;
-}
 __device__ __forceinline__ float q8_scale(u32 s) { return __uint_as_float(s << 23); }  // 2^(s-127); 0; inf
-// The block's scale exponent from its values: the largest magnitude compared as bits (inf and NaN are largest).
-template <int N> __device__ __forceinline__ u32 q8_block_scale(const float (&x)[N]) {
-  u32 m = 0;
+// Codes to float, two at a time: a code's bits placed as a half's (E4M4 unsigned: exponent and mantissa at bits
+// 13..6; E4M3 signed: sign at 15, the rest at 13..7) are the code's value * 2^112 exactly, subnormal codes
+// included, and the half -> float conversion is one instruction.
+template <bool SIGNED> __device__ __forceinline__ void q8_decode_pair(u32 t, float scale, float& lo, float& hi) {
+  // t: code 0 in bits 0..7, code 1 in bits 16..23
+  const u32 h2 = SIGNED ? ((t & 0x007F007Fu) << 7) | ((t & 0x00800080u) << 8) : t << 6;
+  f16 a, b;
+  a.bits = (u16)h2;
+  b.bits = (u16)(h2 >> 16);
+  lo = to_float(a) * scale;
+  hi = to_float(b) * scale;
+}
+// |a| vs |b|, the larger; NaN if either is NaN (so a block holding NaN gets the NaN scale)
+__device__ __forceinline__ float absmax_nan(float a, float b) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(fabsf(a)), "f"(fabsf(b)));
+  return r;
+#else
+  return (a != a || b != b) ? __uint_as_float(0x7FFFFFFFu) : fmaxf(fabsf(a), fabsf(b));
+#endif
+}
+// The block's scale exponent from its values: the largest magnitude (for floats >= 0, the order of their bits;
+// inf and NaN are largest).
+__device__ __forceinline__ u32 q8_block_scale(const float (&x)[16]) {
+  float m8[8], m4[4];
 #pragma unroll
-  for (int k = 0; k < N; ++k) {
-    const u32 b = __float_as_uint(x[k]) & 0x7FFFFFFFu;
-    m = b > m ? b : m;
-  }
+  for (int k = 0; k < 8; ++k) m8[k] = absmax_nan(x[2 * k], x[2 * k + 1]);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) m4[k] = absmax_nan(m8[2 * k], m8[2 * k + 1]);
+  const u32 m = __float_as_uint(absmax_nan(absmax_nan(m4[0], m4[1]), absmax_nan(m4[2], m4[3])));
   if (m >= 0x7F800000u) return 255u;
   const u32 s = m >> 23;  // the maximum scales into [1, 2): the top binade of codes is used, re-encoding is exact
   return s < 1u ? 1u : (s > 253u ? 253u : s);
 }
-// Codes round stochastically with 16 random bits r16 (the stream of stochastic rounding, the outputs' usual
-// halves): an average that moves by less than half a code per step (v decaying by alpha) still moves in
-// expectation; round to nearest would freeze it.
-template <bool SIGNED> __device__ __forceinline__ u32 q8_encode(float x, u32 s, u32 r16) {
-  if (s == 255u) return 0u;
-  const u32 yb = __float_as_uint((x * __uint_as_float((254u - s) << 23)) * Q8_TWO_M112), mag = yb & 0x7FFFFFFFu;
-  if (SIGNED) {  // 3 mantissa bits: the random bits at the top of the 20 dropped ones; saturate; sign on top
-    const u32 c = (mag + (r16 << 4)) >> 20;
+// Codes round stochastically: 16 random bits r added at the top of the dropped field (unsigned: 19 bits, signed:
+// 20), an average that moves by less than half a code per step (v decaying by alpha) still moves in expectation;
+// round to nearest would freeze it. `noise` is r << SH (SH = 3 unsigned, 4 signed) with anything in its low SH
+// bits: those of the magnitude are cleared first, so whatever is there carries into nothing.
+template <bool SIGNED> __device__ __forceinline__ u32 q8_encode(float x, float inv, u32 noise) {
+  constexpr u32 LOW = SIGNED ? 0xFu : 0x7u;
+  const u32 yb = __float_as_uint((x * inv) * Q8_TWO_M112), mag = yb & (0x7FFFFFFFu & ~LOW);
+  if (SIGNED) {  // 3 mantissa bits; saturate; sign on top
+    const u32 c = (mag + noise) >> 20;
     return (c > 127u ? 127u : c) | ((yb >> 24) & 0x80u);
   }
-  const u32 c = (mag + (r16 << 3)) >> 19;
+  const u32 c = (mag + noise) >> 19;
   return c > 255u ? 255u : c;
 }
-// One thread's block of 16 as loaded: its codes (one 128-bit access when vec) and its scale byte. Loaded raw,
-// decoded later, so that every load of the chunk is issued before the first wait.
+// The random bits of a code in its place: from a hash's high half (hi16) or low half (lo16), given its pre().
+template <int SH> __device__ __forceinline__ u32 noise_hi(u32 pre) { return pre >> (16 - SH); }  // junk below SH
+template <int SH> __device__ __forceinline__ u32 noise_lo(u32 pre) {
+  return ((pre << SH) ^ (pre >> (16 - SH))) & (0xFFFFu << SH);
+}
+// One thread's block of 16 as loaded: its codes (one 128-bit access on the full path) and its scale byte. Loaded
+// raw, decoded later, so that every load of the chunk is issued before the first wait.
 struct Q8Raw { u32 w[4]; u32 s; };
-__device__ __forceinline__ Q8Raw q8_load(const unsigned char* q, i64 n16, i64 i, bool vec) {
+template <bool FULL> __device__ __forceinline__ Q8Raw q8_load(const unsigned char* q, i64 n16, i64 i) {
   Q8Raw r;
-  if (vec) {
+  if (FULL) {
     const uint4 x = load_global_128(q + i);
     r.w[0] = x.x; r.w[1] = x.y; r.w[2] = x.z; r.w[3] = x.w;
   } else {
@@ -257,16 +302,25 @@ __device__ __forceinline__ Q8Raw q8_load(const unsigned char* q, i64 n16, i64 i,
 template <bool SIGNED> __device__ __forceinline__ void q8_decode_block(const Q8Raw& r, float (&out)[16]) {
   const float scale = q8_scale(r.s);
 #pragma unroll
-  for (int k = 0; k < 16; ++k) out[k] = q8_decode<SIGNED>((r.w[k >> 2] >> (8 * (k & 3))) & 0xFFu, scale);
+  for (int j = 0; j < 4; ++j) {
+    q8_decode_pair<SIGNED>(__byte_perm(r.w[j], 0u, 0x4140u), scale, out[4 * j], out[4 * j + 1]);
+    q8_decode_pair<SIGNED>(__byte_perm(r.w[j], 0u, 0x4342u), scale, out[4 * j + 2], out[4 * j + 3]);
+  }
 }
-template <bool SIGNED>
-__device__ __forceinline__ void q8_store(unsigned char* q, i64 n16, i64 i, bool vec, const float (&x)[16],
-                                         const u32 (&h)[16], int shift) {
+template <bool SIGNED, bool FULL>
+__device__ __forceinline__ void q8_store(unsigned char* q, i64 n16, i64 i, const float (&x)[16],
+                                         const u32 (&noise)[16]) {
   const u32 s = q8_block_scale(x);
-  u32 w[4] = {0u, 0u, 0u, 0u};
+  const float inv = __uint_as_float((254u - s) << 23);  // 2^(127 - s) (s = 255: unused, the codes are 0)
+  u32 w[4];
 #pragma unroll
-  for (int k = 0; k < 16; ++k) w[k >> 2] |= q8_encode<SIGNED>(x[k], s, (h[k] >> shift) & 0xFFFFu) << (8 * (k & 3));
-  if (vec) {
+  for (int j = 0; j < 4; ++j) {
+    w[j] = q8_encode<SIGNED>(x[4 * j], inv, noise[4 * j]) | (q8_encode<SIGNED>(x[4 * j + 1], inv, noise[4 * j + 1]) << 8) |
+           (q8_encode<SIGNED>(x[4 * j + 2], inv, noise[4 * j + 2]) << 16) |
+           (q8_encode<SIGNED>(x[4 * j + 3], inv, noise[4 * j + 3]) << 24);
+    w[j] = s == 255u ? 0u : w[j];  // a block that held inf/NaN: codes 0, scale 255
+  }
+  if (FULL) {
     uint4 r;
     r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
     store_global_128(q + i, r);
@@ -321,20 +375,19 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
   }
 }
 
-// The chunk with 8-bit state: thread t owns elements 16t..16t+15 of it, one quantization block (so a block's
-// maximum needs no other thread). Decode, the float32 update, encode with the block's new scale, store.
-template <typename P, bool MOMENTUM, bool CENTERED>
+// The chunk with 8-bit state: thread t owns elements i = start + 16t .. i + 15 of it, one quantization block (so
+// a block's maximum needs no other thread). Decode, the float32 update, encode with the block's new scale,
+// store. FULL: the whole chunk is in bounds and 16-byte aligned (128-bit accesses, no bounds tests).
+template <typename P, bool MOMENTUM, bool CENTERED, bool FULL>
 __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, unsigned char* a, P* p, const P* g,
-                                         i64 numel, i64 start, bool aligned, const Hyper& h, bool sr, u32 key) {
-  const i64 i = start + (i64)threadIdx.x * 16, n16 = (numel + 15) & ~(i64)15;
-  if (i >= numel) return;
-  const bool full = aligned && numel - start >= RMSPROP_BLOCK;  // 128-bit accesses, no bounds
+                                         i64 numel, i64 i, const Hyper& h, bool sr, u32 key) {
+  const i64 n16 = (numel + 15) & ~(i64)15;
   float pv[16], gv[16], vv[16], bv[16], av[16];
-  const Q8Raw vr = q8_load(v, n16, i, full);
+  const Q8Raw vr = q8_load<FULL>(v, n16, i);
   Q8Raw br = vr, ar = vr;
-  if (MOMENTUM) br = q8_load(b, n16, i, full);
-  if (CENTERED) ar = q8_load(a, n16, i, full);
-  if (full) {
+  if (MOMENTUM) br = q8_load<FULL>(b, n16, i);
+  if (CENTERED) ar = q8_load<FULL>(a, n16, i);
+  if (FULL) {
     load_vec(p + i, pv);
     load_vec(g + i, gv);
   } else {
@@ -347,8 +400,9 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
   q8_decode_block<false>(vr, vv);
   if (MOMENTUM) q8_decode_block<true>(br, bv);
   if (CENTERED) q8_decode_block<true>(ar, av);
+  const HashGroup hg(key, i);
   float root[16];
-  u32 h0[16], h1[16];  // random bits: p (low half, with sr) and square_avg; momentum_buffer and grad_avg
+  u32 pre0[16], pre1[16];  // random bits: p (low half, with sr) and square_avg; momentum_buffer and grad_avg
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
     // square_avg stores sqrt(v), centered sqrt(v - ga^2): the variance itself, so its quantization error is
@@ -361,20 +415,35 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
       kept = vv[k] - av[k] * av[k];
       if (kept < 0.0f) kept = 0.0f;
     }
-    if (!full && i + k >= numel) kept = bv[k] = av[k] = 0.0f;  // padding encodes as 0
+    if (!FULL && i + k >= numel) kept = bv[k] = av[k] = 0.0f;  // padding encodes as 0
     root[k] = __fsqrt_rn(kept);
-    h0[k] = pair_bits(key, i + k, 0u);
-    h1[k] = (MOMENTUM || CENTERED) ? pair_bits(key, i + k, 1u) : 0u;
+    pre0[k] = hg.pre(2u * k);
+    pre1[k] = (MOMENTUM || CENTERED) ? hg.pre(2u * k + 1u) : 0u;
   }
-  q8_store<false>(v, n16, i, full, root, h0, 16);
-  if (MOMENTUM) q8_store<true>(b, n16, i, full, bv, h1, 0);
-  if (CENTERED) q8_store<true>(a, n16, i, full, av, h1, 16);
-  if (full) {
-    store_out(p + i, pv, sr, h0, 0);
+  u32 noise[16];
+#pragma unroll
+  for (int k = 0; k < 16; ++k) noise[k] = noise_hi<3>(pre0[k]);
+  q8_store<false, FULL>(v, n16, i, root, noise);
+  if (MOMENTUM) {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) noise[k] = noise_lo<4>(pre1[k]);
+    q8_store<true, FULL>(b, n16, i, bv, noise);
+  }
+  if (CENTERED) {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) noise[k] = noise_hi<4>(pre1[k]);
+    q8_store<true, FULL>(a, n16, i, av, noise);
+  }
+  if (FULL && sr) {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) pre0[k] = lo16(pre0[k]);  // store_out takes its bits at shift 0
+    store_out(p + i, pv, sr, pre0, 0);
+  } else if (FULL) {
+    store_vec(p + i, pv);
   } else {
 #pragma unroll
     for (int k = 0; k < 16; ++k)
-      if (i + k < numel) p[i + k] = store_value<P>(pv[k], sr, h0[k], 0);
+      if (i + k < numel) p[i + k] = store_value<P>(pv[k], sr, lo16(pre0[k]), 0);
   }
 }
 
@@ -422,8 +491,13 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   const bool aligned = (((i64)p | (i64)g | (i64)v | (i64)b | (i64)a) & 15) == 0;
 
   if constexpr (is_q8<S>::value) {
-    q8_chunk<P, MOMENTUM, CENTERED>((unsigned char*)v, (unsigned char*)b, (unsigned char*)a, p, g, numel, start,
-                                    aligned, h, sr, key);
+    const i64 i = start + (i64)threadIdx.x * 16;
+    if (aligned && numel - start >= RMSPROP_BLOCK)
+      q8_chunk<P, MOMENTUM, CENTERED, true>((unsigned char*)v, (unsigned char*)b, (unsigned char*)a, p, g, numel, i,
+                                            h, sr, key);
+    else if (i < numel)
+      q8_chunk<P, MOMENTUM, CENTERED, false>((unsigned char*)v, (unsigned char*)b, (unsigned char*)a, p, g, numel,
+                                             i, h, sr, key);
   } else {
   // Fast path: every load of the chunk is issued before any math (one memory wave), then all stores.
   constexpr int VEC = Packet<P>::N;  // 4 floats or 8 halves: one 128-bit packet of p and g per step
@@ -448,10 +522,11 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
     for (int it = 0; it < ITERS; ++it) {
       const i64 i = start + (i64)(it * RMSPROP_THREADS + (int)threadIdx.x) * VEC;
       u32 h0[VEC], h1[VEC];  // random bits (unused ones are never computed)
+      const HashGroup hg(key, i);  // i is a multiple of VEC
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        h0[k] = sr ? pair_bits(key, i + k, 0u) : 0u;
-        h1[k] = sr ? pair_bits(key, i + k, 1u) : 0u;
+        h0[k] = sr ? hg.hash(2u * k) : 0u;
+        h1[k] = sr ? hg.hash(2u * k + 1u) : 0u;
       }
       store_out(p + i, pv[it], sr, h0, 0);
       store_out(v + i, vv[it], sr, h0, 16);

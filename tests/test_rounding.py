@@ -103,6 +103,29 @@ def test_every_backend_rounds_with_the_specified_stream_bit_for_bit(backend, dty
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_every_binade_rounds_as_specified(backend, dtype):
+    """Buffers and grads over 2^-40 .. 2^12 with both signs (f16: its subnormals, and values below its smallest
+    that round to 0 or 2^-24), one chunk with an unaligned tail: every stored bit as the numpy spec says."""
+    rng = np.random.default_rng(4)
+    n = 2048 + 999
+    dt = DTYPES[dtype]
+    p = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(dt)
+    wide = [torch.from_numpy((rng.choice([-1.0, 1.0], n) * np.exp2(rng.uniform(-40, 12, n))).astype(np.float32))
+            .to(dt) for _ in range(2)]
+    v = torch.from_numpy(4.0 ** rng.integers(-3, 3, n)).to(dt)
+    p1, v1, buf, st = run(backend, (p, wide[0], v, wide[1]), step=7, momentum=0.5)
+    p0, g0, v0, b0 = (t.double().numpy() for t in (p, wide[0], v, wide[1]))
+    b_new = (0.5 * b0 + g0 / np.sqrt(v0)).astype(np.float32)  # exact in float64, then the one float32 rounding
+    p_new = (p0 - 2**-6 * b_new.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(buf.double().numpy(), reference_round(b_new, dtype, 123, 7, 0, 2))
+    np.testing.assert_array_equal(p1.double().numpy(), reference_round(p_new, dtype, 123, 7, 0, 0))
+    if dtype == "float16":
+        tiny, sub = np.abs(b_new) < 2.0**-24, np.abs(b_new) < 2.0**-14
+        assert tiny.sum() > 50 and (sub & ~tiny).sum() > 50  # both of f16's paths below its normal range
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_optimizer_counts_steps_exactly_past_2_to_the_24(backend):
     """Where the kernels read step counters (stochastic rounding, 8-bit state, bias correction) the optimizer keeps
     them in float64: they go on counting at 2**24 (float32's step += 1 stops there), so the random streams go on
