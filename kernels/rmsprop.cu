@@ -130,6 +130,34 @@ template <typename T, int N> __device__ __forceinline__ void store_vec(T* ptr, c
     store_global_128(ptr + k * Packet<T>::N, pack(in + k * Packet<T>::N, (T*)0));
 }
 
+// PTX prmt, default mode: byte k of the result is byte (s >> 4k) & 7 of the 8 bytes y:x, or that byte's sign bit
+// copied into all 8 bits when bit 3 of the nibble is set
+__device__ __forceinline__ u32 prmt(u32 x, u32 y, u32 s) {
+#ifdef __CUDA_ARCH__
+  u32 r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(y), "r"(s));
+  return r;
+#else
+  const unsigned long long xy = ((unsigned long long)y << 32) | x;
+  u32 r = 0;
+  for (int k = 0; k < 4; ++k) {
+    const u32 n = (s >> (4 * k)) & 15u, b = (u32)(xy >> (8 * (n & 7u))) & 0xFFu;
+    r |= ((n & 8u) ? ((b & 0x80u) ? 0xFFu : 0u) : b) << (8 * k);
+  }
+  return r;
+#endif
+}
+// two halves (bits 0..15, 16..31) to floats: one conversion each, the high half read in place
+__device__ __forceinline__ void half2_to_float2(u32 h2, float& lo, float& hi) {
+#ifdef __CUDA_ARCH__
+  asm("{.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;\n\t}"
+      : "=f"(lo), "=f"(hi) : "r"(h2));
+#else
+  lo = rmsprop_host_f16_to_f32((u16)h2);
+  hi = rmsprop_host_f16_to_f32((u16)(h2 >> 16));
+#endif
+}
+
 // Stochastic rounding of 16-bit stores (STOCHASTIC_ROUNDING): x rounds up with probability equal to its distance
 // from the value below, in units of the 16-bit spacing, so E[round(x)] = x. Each store takes 16 random bits from
 // a counter-based hash: h = mix32(key ^ (element * 2 + pair)), key = stream_key(seed, step, the tensor's stream
@@ -181,7 +209,7 @@ template <> __device__ __forceinline__ f16 from_float_sr<f16>(float x, u32 r16) 
   // the top of the dropped field; a finite x never carries into the sign
   const int d = 126 - (int)e;
   const u32 drop = d < 13 ? 13u : (d > 23 ? 23u : (u32)d);
-  const u32 big = (bits + ((r16 << 16) >> (32u - drop))) & (0xFFFFFFFFu << drop);
+  const u32 big = ((bits + ((r16 << 16) >> (32u - drop))) >> drop) << drop;
   // below: 0 or 2^-24 (bits 0x33800000), up with probability |x| / 2^-24 (|x| * 2^40 and r16 are exact in float)
   const u32 tiny = (bits & 0x80000000u) | (__uint_as_float(mag) * 1099511627776.0f > (float)r16 ? 0x33800000u : 0u);
   const u32 y = mag >= 0x7F800000u ? bits : (e >= 103u ? big : tiny);  // inf, NaN as they are (cvt keeps them)
@@ -234,11 +262,9 @@ __device__ __forceinline__ float q8_scale(u32 s) { return __uint_as_float(s << 2
 template <bool SIGNED> __device__ __forceinline__ void q8_decode_pair(u32 t, float scale, float& lo, float& hi) {
   // t: code 0 in bits 0..7, code 1 in bits 16..23
   const u32 h2 = SIGNED ? ((t & 0x007F007Fu) << 7) | ((t & 0x00800080u) << 8) : t << 6;
-  f16 a, b;
-  a.bits = (u16)h2;
-  b.bits = (u16)(h2 >> 16);
-  lo = to_float(a) * scale;
-  hi = to_float(b) * scale;
+  half2_to_float2(h2, lo, hi);
+  lo *= scale;
+  hi *= scale;
 }
 // |a| vs |b|, the larger; NaN if either is NaN (so a block holding NaN gets the NaN scale)
 __device__ __forceinline__ float absmax_nan(float a, float b) {
@@ -267,15 +293,21 @@ __device__ __forceinline__ u32 q8_block_scale(const float (&x)[16]) {
 // 20), an average that moves by less than half a code per step (v decaying by alpha) still moves in expectation;
 // round to nearest would freeze it. `noise` is r << SH (SH = 3 unsigned, 4 signed) with anything in its low SH
 // bits: those of the magnitude are cleared first, so whatever is there carries into nothing.
-template <bool SIGNED> __device__ __forceinline__ u32 q8_encode(float x, float inv, u32 noise) {
+template <bool SIGNED> __device__ __forceinline__ u32 q8_code(float x, float inv, u32 noise, u32& yb) {
   constexpr u32 LOW = SIGNED ? 0xFu : 0x7u;
-  const u32 yb = __float_as_uint((x * inv) * Q8_TWO_M112), mag = yb & (0x7FFFFFFFu & ~LOW);
-  if (SIGNED) {  // 3 mantissa bits; saturate; sign on top
-    const u32 c = (mag + noise) >> 20;
-    return (c > 127u ? 127u : c) | ((yb >> 24) & 0x80u);
-  }
-  const u32 c = (mag + noise) >> 19;
-  return c > 255u ? 255u : c;
+  yb = __float_as_uint((x * inv) * Q8_TWO_M112);
+  const u32 c = ((yb & (0x7FFFFFFFu & ~LOW)) + noise) >> (SIGNED ? 20 : 19);
+  return c > (SIGNED ? 127u : 255u) ? (SIGNED ? 127u : 255u) : c;  // saturate (3 or 4 mantissa bits)
+}
+// Four codes in a word (byte k: element k); signed: the sign of each scaled value on top (bit 7 of its byte)
+template <bool SIGNED> __device__ __forceinline__ u32 q8_encode4(const float* x, float inv, const u32* noise) {
+  u32 yb[4], c[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) c[k] = q8_code<SIGNED>(x[k], inv, noise[k], yb[k]);
+  const u32 w = prmt(prmt(c[0], c[1], 0x0040u), prmt(c[2], c[3], 0x0040u), 0x5410u);
+  if (!SIGNED) return w;
+  const u32 signs = prmt(prmt(yb[0], yb[1], 0x00FBu), prmt(yb[2], yb[3], 0x00FBu), 0x5410u);  // 0xFF or 0 per byte
+  return w | (signs & 0x80808080u);
 }
 // The random bits of a code in its place: from a hash's high half (hi16) or low half (lo16), given its pre().
 template <int SH> __device__ __forceinline__ u32 noise_hi(u32 pre) { return pre >> (16 - SH); }  // junk below SH
@@ -303,8 +335,8 @@ template <bool SIGNED> __device__ __forceinline__ void q8_decode_block(const Q8R
   const float scale = q8_scale(r.s);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    q8_decode_pair<SIGNED>(__byte_perm(r.w[j], 0u, 0x4140u), scale, out[4 * j], out[4 * j + 1]);
-    q8_decode_pair<SIGNED>(__byte_perm(r.w[j], 0u, 0x4342u), scale, out[4 * j + 2], out[4 * j + 3]);
+    q8_decode_pair<SIGNED>(prmt(r.w[j], 0u, 0x4140u), scale, out[4 * j], out[4 * j + 1]);
+    q8_decode_pair<SIGNED>(prmt(r.w[j], 0u, 0x4342u), scale, out[4 * j + 2], out[4 * j + 3]);
   }
 }
 template <bool SIGNED, bool FULL>
@@ -312,14 +344,11 @@ __device__ __forceinline__ void q8_store(unsigned char* q, i64 n16, i64 i, const
                                          const u32 (&noise)[16]) {
   const u32 s = q8_block_scale(x);
   const float inv = __uint_as_float((254u - s) << 23);  // 2^(127 - s) (s = 255: unused, the codes are 0)
+  // a block that held inf/NaN: codes 0 (scale 255). Masked, not tested: every path through the code encodes
+  const u32 keep = ((s + 1u) >> 8) - 1u;  // 0 for s = 255, else all ones
   u32 w[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    w[j] = q8_encode<SIGNED>(x[4 * j], inv, noise[4 * j]) | (q8_encode<SIGNED>(x[4 * j + 1], inv, noise[4 * j + 1]) << 8) |
-           (q8_encode<SIGNED>(x[4 * j + 2], inv, noise[4 * j + 2]) << 16) |
-           (q8_encode<SIGNED>(x[4 * j + 3], inv, noise[4 * j + 3]) << 24);
-    w[j] = s == 255u ? 0u : w[j];  // a block that held inf/NaN: codes 0, scale 255
-  }
+  for (int j = 0; j < 4; ++j) w[j] = q8_encode4<SIGNED>(x + 4 * j, inv, noise + 4 * j) & keep;
   if (FULL) {
     uint4 r;
     r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];

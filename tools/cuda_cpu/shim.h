@@ -29,10 +29,3 @@ inline unsigned short rmsprop_host_f32_to_f16(float x) {
   return b;
 }
 
-// __byte_perm(x, y, s): byte k of the result is byte (s >> 4k) & 7 of the 8 bytes y:x (the PTX prmt default mode)
-inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
-  const unsigned long long xy = ((unsigned long long)y << 32) | x;
-  unsigned r = 0;
-  for (int k = 0; k < 4; ++k) r |= (unsigned)((xy >> (8 * ((s >> (4 * k)) & 7))) & 0xFFu) << (8 * k);
-  return r;
-}
