@@ -122,67 +122,117 @@ def _to_storage_sr(x, DTYPE: tl.constexpr, NATIVE_BF16: tl.constexpr, r16):
     else:  # float16
         mag = bits & 0x7FFFFFFF
         e = mag >> 23
-        drop = tl.where(e >= 113, 13, 126 - tl.minimum(e, 126))
-        drop = tl.minimum(drop, 23)  # (e < 103 takes the tiny path below)
-        noise = (r16 << 16) >> (32 - drop)
-        big = ((bits & 0x80000000) | ((mag + noise) & (0xFFFFFFFF << drop))).to(tl.float32, bitcast=True)
-        up = mag.to(tl.float32, bitcast=True) * 16777216.0 > r16.to(tl.float32) * 1.52587890625e-5
-        tiny = tl.where(up, 5.9604644775390625e-8, 0.0)
-        tiny = tl.where((bits >> 31) == 1, -tiny, tiny)
-        y = tl.where(mag >= 0x7F800000, x, tl.where(e >= 103, big, tiny))  # inf / NaN round as usual (exactly)
-        return y.to(tl.float16)
+        # |x| >= 2^-24: drop the bits below the f16 spacing (13; up to 23 below f16's normal range), the random
+        # bits at the top of the dropped field (a finite x never carries into the sign)
+        drop = tl.minimum(tl.maximum(126 - e.to(tl.int32), 13), 23).to(tl.uint32)
+        big = ((bits + ((r16 << 16) >> (32 - drop))) >> drop) << drop
+        # below: 0 or 2^-24, up with probability |x| / 2^-24 (|x| * 2^40 and r16 are exact in float32)
+        up = mag.to(tl.float32, bitcast=True) * 1099511627776.0 > r16.to(tl.float32)
+        tiny = (bits & 0x80000000) | tl.where(up, 0x33800000, 0)
+        y = tl.where(mag >= 0x7F800000, bits, tl.where(e >= 103, big, tiny))  # inf / NaN as they are
+        return y.to(tl.float32, bitcast=True).to(tl.float16)
 
 
 # 8-bit blockwise state (rmsprop_gpu/quantize.py: the format; kernels/rmsprop.cu: q8_*): codes, then one scale
-# exponent byte per block of 16 elements; square_avg holds sqrt(v) as unsigned E4M4, the others signed E4M3.
+# exponent byte per block of 16 elements; square_avg holds sqrt(v) as unsigned E4M4, the others signed E4M3. A
+# chunk is handled as two [BLOCK / 16, 8] halves, row r of both being block r: with 8 elements of every dtype per
+# thread, a thread holds whole blocks and nothing changes layout (no shuffles, no shared memory).
 @triton.jit
 def _q8_decode(c, s, SIGNED: tl.constexpr):
-    """uint8 codes [R, 16] and their blocks' scale bytes [R] -> float32 (2^112: the half-precision trick)."""
+    """uint8 codes [R, 8] and their blocks' scale bytes [R] -> float32: a code's bits placed as a half's are its
+    value * 2^112, subnormal codes included (kernels/rmsprop.cu: q8_decode_pair)."""
     c = c.to(tl.uint32)
     if SIGNED:
-        x = ((c & 0x7F) << 20).to(tl.float32, bitcast=True) * 5.192296858534828e33
-        x = tl.where((c & 0x80) != 0, -x, x)
+        h = ((c & 0x7F) << 7) | ((c & 0x80) << 8)
     else:
-        x = (c << 19).to(tl.float32, bitcast=True) * 5.192296858534828e33
+        h = c << 6
+    x = h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     scale = (s.to(tl.uint32) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127); 0 for s = 0; inf for 255
     return x * scale[:, None]
 
 
 @triton.jit
-def _q8_encode(x, r16, SIGNED: tl.constexpr):
-    """float32 [R, 16] -> (uint8 codes [R, 16], scale bytes [R]): per row (block), the largest magnitude as bits
-    (inf, NaN largest) sets s = its exponent in [1, 253] (255: not finite); codes round stochastically with the
-    16 random bits r16 (kernels/rmsprop.cu: q8_encode)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    m = tl.max(bits & 0x7FFFFFFF, axis=1)
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _q8_scale(lo, hi):
+    """The blocks' scale bytes [R] from their values (two [R, 8] halves): the largest magnitude (inf and NaN
+    largest: 255) sets s = its exponent in [1, 253]. Also returns the multiplier 2^(127 - s) and a mask that is 0
+    for a block that held inf/NaN (its codes are 0)."""
+    m = _max_nan(tl.reduce(tl.abs(lo), 1, _max_nan), tl.reduce(tl.abs(hi), 1, _max_nan)).to(tl.uint32, bitcast=True)
     s = tl.minimum(tl.maximum(m >> 23, 1), 253)
-    inv = ((254 - s) << 23).to(tl.float32, bitcast=True)  # 2^(127 - s)
-    yb = ((x * inv[:, None]) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)
-    mag = yb & 0x7FFFFFFF
-    if SIGNED:
-        c = tl.minimum((mag + (r16 << 4)) >> 20, 127) | ((yb >> 24) & 0x80)
-    else:
-        c = tl.minimum((mag + (r16 << 3)) >> 19, 255)
     bad = m >= 0x7F800000
-    c = tl.where(bad[:, None], 0, c)
-    s = tl.where(bad, 255, s)
-    return c.to(tl.uint8), s.to(tl.uint8)
+    inv = ((254 - s) << 23).to(tl.float32, bitcast=True)
+    return tl.where(bad, 255, s), inv, tl.where(bad, 0, 0xFFFFFFFF).to(tl.uint32)
 
 
 @triton.jit
-def _q8_raw(addr, start, n16, offs, rows, code_mask, row_mask, ALIGNED: tl.constexpr):
-    """A tile's codes [R, 16] and scale bytes [R], as stored (decoded after every load is issued)."""
-    c = tl.load(_ptr(addr, start, tl.uint8, ALIGNED) + offs, mask=code_mask)
-    s = tl.load(addr.to(tl.pointer_type(tl.uint8)) + n16 + start // 16 + rows, mask=row_mask)
-    return c, s
+def _q8_codes(x, inv, keep, noise, SIGNED: tl.constexpr):
+    """float32 [R, 8] -> uint8 codes, rounded stochastically: noise is 16 random bits at the top of the dropped
+    field (r << 3 unsigned, r << 4 signed) with anything below, where the magnitude's bits are cleared first."""
+    yb = ((x * inv[:, None]) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)
+    if SIGNED:
+        c = tl.minimum(((yb & 0x7FFFFFF0) + noise) >> 20, 127) | ((yb >> 24) & 0x80)
+    else:
+        c = tl.minimum(((yb & 0x7FFFFFF8) + noise) >> 19, 255)
+    return (c & keep[:, None]).to(tl.uint8)
 
 
 @triton.jit
-def _q8_store(addr, start, n16, offs, rows, code_mask, row_mask, x, r16, SIGNED: tl.constexpr,
-              ALIGNED: tl.constexpr):
-    c, s = _q8_encode(x, r16, SIGNED)
-    tl.store(_ptr(addr, start, tl.uint8, ALIGNED) + offs, c, mask=code_mask)
-    tl.store(addr.to(tl.pointer_type(tl.uint8)) + n16 + start // 16 + rows, s, mask=row_mask)
+def _hash_base(key, first):
+    """The hashes of the aligned group of elements first .. (first a multiple of 16, or of a tile row): for
+    low = 2k + pair < 32, key ^ (2(first + k) + pair) = (key ^ 2 first) ^ low, and mix32's first xorshift leaves
+    low in place: that part once per group (kernels/rmsprop.cu: HashGroup)."""
+    x = key ^ (first.to(tl.uint32) * 2)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _hash_pre(base, low):
+    """mix32 of base ^ low but its last xorshift (base [R], low [N] -> [R, N]): the hash's high 16 bits are
+    pre >> 16, its low 16 bits (pre ^ pre >> 16) & 0xFFFF."""
+    x = (base[:, None] ^ low[None, :]) * 0x7FEB352D
+    x = x ^ (x >> 15)
+    return x * 0x846CA68B
+
+
+@triton.jit
+def _lo16(pre):
+    return (pre ^ (pre >> 16)) & 0xFFFF
+
+
+@triton.jit
+def _noise_hi(pre, SH: tl.constexpr):
+    return pre >> (16 - SH)  # the hash's high half << SH, something below
+
+
+@triton.jit
+def _noise_lo(pre, SH: tl.constexpr):
+    return ((pre << SH) ^ (pre >> (16 - SH))) & (0xFFFF << SH)  # the hash's low half << SH
+
+
+@triton.jit
+def _q8_load(addr, start, block, mask, ALIGNED: tl.constexpr):
+    """Codes [R, 16] (one 128-bit load per block when aligned) -> their halves [R, 8] (in registers)."""
+    c = tl.load(_ptr(addr, start, tl.uint8, ALIGNED) + block, mask=mask)
+    return tl.split(tl.permute(tl.reshape(c, [c.shape[0], 2, 8]), [0, 2, 1]))
+
+
+@triton.jit
+def _q8_store(addr, start, block, mask, x_lo, x_hi, inv, keep, pre_lo, pre_hi,
+              SIGNED: tl.constexpr, NOISE_LO: tl.constexpr, ALIGNED: tl.constexpr):
+    SH: tl.constexpr = 4 if SIGNED else 3
+    if NOISE_LO:
+        n_lo = _noise_lo(pre_lo, SH)
+        n_hi = _noise_lo(pre_hi, SH)
+    else:
+        n_lo = _noise_hi(pre_lo, SH)
+        n_hi = _noise_hi(pre_hi, SH)
+    c = tl.join(_q8_codes(x_lo, inv, keep, n_lo, SIGNED), _q8_codes(x_hi, inv, keep, n_hi, SIGNED))  # [R, 8, 2]
+    c = tl.reshape(tl.permute(c, [0, 2, 1]), [c.shape[0], 16])
+    tl.store(_ptr(addr, start, tl.uint8, ALIGNED) + block, c, mask=mask)
 
 
 @triton.jit
@@ -331,23 +381,95 @@ def _update_chunk(
 
 
 @triton.jit
-def _update_tile_q8(
-    p, g, vc, vs, bc, bs, ac, as_, p_addr, v_addr, b_addr, a_addr, start, n16, rows, offs, mask, code_mask, row_mask,
+def _update_chunk_q8(
+    p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
     P_DTYPE: tl.constexpr,
     MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr,
-    SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
+    SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, ELEMS: tl.constexpr,
 ):
-    """Decode a loaded tile, the float32 update, encode each row (block) with its new scale, store. Padding past
+    """ELEMS elements from start with 8-bit state, block r (16 elements) as row r of two [ELEMS / 16, 8] halves: every load
+    first (one memory wave), decode, the float32 update, each block's new scale, encode, store. Padding past
     numel encodes as 0. Masks (None for a full chunk): elements, codes of whole blocks, scale bytes."""
-    v = _q8_decode(vc, vs, False)
-    b = v
-    a = v
+    ROWS: tl.constexpr = ELEMS // 16
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, 8)
+    lo = rows[:, None] * 16 + cols[None, :]
+    hi = lo + 8
+    n16 = (numel + 15) // 16 * 16
+    m_lo = lo < numel - start
+    m_hi = hi < numel - start
+    block = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
+    c_all = rows[:, None] * 16 < numel - start  # whole blocks (padding included)
+    r_mask = rows * 16 < numel - start
+    if FULL_ALIGNED:
+        m_lo, m_hi, c_all, r_mask = None, None, None, None
+    scale_ptr = start // 16 + n16 + rows  # the blocks' scale bytes, after the codes
+    vc_lo, vc_hi = _q8_load(v_addr, start, block, c_all, FULL_ALIGNED)
+    vs = tl.load(v_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, mask=r_mask)
+    bc_lo, bc_hi, bs, ac_lo, ac_hi, as_ = vc_lo, vc_hi, vs, vc_lo, vc_hi, vs
     if MOMENTUM:
-        b = _q8_decode(bc, bs, True)
+        bc_lo, bc_hi = _q8_load(b_addr, start, block, c_all, FULL_ALIGNED)
+        bs = tl.load(b_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, mask=r_mask)
     if CENTERED:
-        a = _q8_decode(ac, as_, True)
-    v = v * v  # square_avg stores sqrt(v); centered sqrt(v - ga^2), the variance (kernels/rmsprop.cu: q8_chunk)
+        ac_lo, ac_hi = _q8_load(a_addr, start, block, c_all, FULL_ALIGNED)
+        as_ = tl.load(a_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, mask=r_mask)
+    p_lo = _load(p_addr, start, lo, m_lo, P_DTYPE, FULL_ALIGNED)
+    p_hi = _load(p_addr, start, hi, m_hi, P_DTYPE, FULL_ALIGNED)
+    g_lo = _load(g_addr, start, lo, m_lo, P_DTYPE, FULL_ALIGNED)
+    g_hi = _load(g_addr, start, hi, m_hi, P_DTYPE, FULL_ALIGNED)
+    v_lo = _q8_decode(vc_lo, vs, False)
+    v_hi = _q8_decode(vc_hi, vs, False)
+    b_lo, b_hi, a_lo, a_hi = v_lo, v_hi, v_lo, v_hi
+    if MOMENTUM:
+        b_lo = _q8_decode(bc_lo, bs, True)
+        b_hi = _q8_decode(bc_hi, bs, True)
+    if CENTERED:
+        a_lo = _q8_decode(ac_lo, as_, True)
+        a_hi = _q8_decode(ac_hi, as_, True)
+    left = numel - start - rows * 16  # per block: its real elements (16 or more: all)
+    p_lo, v_lo, b_lo, a_lo = _update_q8(p_lo, g_lo, v_lo, b_lo, a_lo, left, lr, alpha, one_minus_alpha, eps,
+                                        weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
+                                        FULL_ALIGNED)
+    p_hi, v_hi, b_hi, a_hi = _update_q8(p_hi, g_hi, v_hi, b_hi, a_hi, left - 8, lr, alpha, one_minus_alpha, eps,
+                                        weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
+                                        FULL_ALIGNED)
+    # random bits (kernels/rmsprop.cu: q8_chunk): pair 0 for p (low half, with SR) and square_avg's codes (high),
+    # pair 1 for momentum_buffer (low) and grad_avg (high)
+    base = _hash_base(key, start + rows * 16)
+    pre0_lo = _hash_pre(base, 2 * cols.to(tl.uint32))
+    pre0_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 16)
+    pre1_lo, pre1_hi = pre0_lo, pre0_hi
+    if MOMENTUM or CENTERED:
+        pre1_lo = _hash_pre(base, 2 * cols.to(tl.uint32) + 1)
+        pre1_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 17)
+    s, inv, keep = _q8_scale(v_lo, v_hi)
+    _q8_store(v_addr, start, block, c_all, v_lo, v_hi, inv, keep, pre0_lo, pre0_hi, False, False,
+              FULL_ALIGNED)
+    tl.store(v_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
+    if MOMENTUM:
+        s, inv, keep = _q8_scale(b_lo, b_hi)
+        _q8_store(b_addr, start, block, c_all, b_lo, b_hi, inv, keep, pre1_lo, pre1_hi, True, True,
+                  FULL_ALIGNED)
+        tl.store(b_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
+    if CENTERED:
+        s, inv, keep = _q8_scale(a_lo, a_hi)
+        _q8_store(a_addr, start, block, c_all, a_lo, a_hi, inv, keep, pre1_lo, pre1_hi, True, False,
+                  FULL_ALIGNED)
+        tl.store(a_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
+    _store(p_addr, start, lo, m_lo, p_lo, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_lo))
+    _store(p_addr, start, hi, m_hi, p_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_hi))
+
+
+@triton.jit
+def _update_q8(
+    p, g, v, b, a, left,
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
+    MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr, FULL_ALIGNED: tl.constexpr,
+):
+    """One half's update from decoded 8-bit state: returns p, sqrt of the variance (what square_avg stores; centered
+    sqrt(v - ga^2): its quantization error is relative to the variance, kernels/rmsprop.cu: q8_chunk), buf, ga."""
+    v = v * v
     if CENTERED:
         v = v + a * a
     p, v, b, a = _update(p, g, v, b, a, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
@@ -355,65 +477,12 @@ def _update_tile_q8(
     if CENTERED:
         v = v - a * a
         v = tl.where(v < 0.0, 0.0, v)
-    if not FULL_ALIGNED:
-        v = tl.where(mask, v, 0.0)
-        b = tl.where(mask, b, 0.0)
-        a = tl.where(mask, a, 0.0)
-    h0 = _pair_bits(key, start, offs, 0)  # random bits: p (low half, with SR) and square_avg's codes (high)
-    h1 = h0
-    if MOMENTUM or CENTERED:  # momentum_buffer (low half) and grad_avg (high)
-        h1 = _pair_bits(key, start, offs, 1)
-    _q8_store(v_addr, start, n16, offs, rows, code_mask, row_mask, tl.sqrt_rn(v), h0 >> 16, False, FULL_ALIGNED)
-    if MOMENTUM:
-        _q8_store(b_addr, start, n16, offs, rows, code_mask, row_mask, b, h1 & 0xFFFF, True, FULL_ALIGNED)
-    if CENTERED:
-        _q8_store(a_addr, start, n16, offs, rows, code_mask, row_mask, a, h1 >> 16, True, FULL_ALIGNED)
-    _store(p_addr, start, offs, mask, p, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, h0 & 0xFFFF)
-
-
-@triton.jit
-def _update_chunk_q8(
-    p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
-    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
-    P_DTYPE: tl.constexpr,
-    MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr,
-    SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """The chunk with 8-bit state as two [BLOCK / 32, 16] tiles, row r of a tile being one quantization block:
-    every load of both first (one memory wave), then one tile's math and stores at a time (as _update_chunk)."""
-    ROWS: tl.constexpr = BLOCK // 32
-    rows = tl.arange(0, ROWS)
-    offs = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
-    n16 = (numel + 15) // 16 * 16
-    s1 = start + ROWS * 16
-    m0 = offs < numel - start
-    m1 = offs < numel - s1
-    c0 = rows[:, None] * 16 < numel - start  # whole blocks (padding included) for codes, rows for scales
-    c1 = rows[:, None] * 16 < numel - s1
-    r0 = rows * 16 < numel - start
-    r1 = rows * 16 < numel - s1
-    if FULL_ALIGNED:
-        m0, m1, c0, c1, r0, r1 = None, None, None, None, None, None
-    vc0, vs0 = _q8_raw(v_addr, start, n16, offs, rows, c0, r0, FULL_ALIGNED)
-    vc1, vs1 = _q8_raw(v_addr, s1, n16, offs, rows, c1, r1, FULL_ALIGNED)
-    bc0, bs0, bc1, bs1 = vc0, vs0, vc1, vs1
-    ac0, as0, ac1, as1 = vc0, vs0, vc1, vs1
-    if MOMENTUM:
-        bc0, bs0 = _q8_raw(b_addr, start, n16, offs, rows, c0, r0, FULL_ALIGNED)
-        bc1, bs1 = _q8_raw(b_addr, s1, n16, offs, rows, c1, r1, FULL_ALIGNED)
-    if CENTERED:
-        ac0, as0 = _q8_raw(a_addr, start, n16, offs, rows, c0, r0, FULL_ALIGNED)
-        ac1, as1 = _q8_raw(a_addr, s1, n16, offs, rows, c1, r1, FULL_ALIGNED)
-    p0 = _load(p_addr, start, offs, m0, P_DTYPE, FULL_ALIGNED)
-    g0 = _load(g_addr, start, offs, m0, P_DTYPE, FULL_ALIGNED)
-    p1 = _load(p_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
-    g1 = _load(g_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
-    _update_tile_q8(p0, g0, vc0, vs0, bc0, bs0, ac0, as0, p_addr, v_addr, b_addr, a_addr, start, n16, rows,
-                    offs, m0, c0, r0, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
-                    inv_bc, key, P_DTYPE, MOMENTUM, CENTERED, FLAGS, SR, FULL_ALIGNED, NATIVE_BF16)
-    _update_tile_q8(p1, g1, vc1, vs1, bc1, bs1, ac1, as1, p_addr, v_addr, b_addr, a_addr, s1, n16, rows,
-                    offs, m1, c1, r1, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale,
-                    inv_bc, key, P_DTYPE, MOMENTUM, CENTERED, FLAGS, SR, FULL_ALIGNED, NATIVE_BF16)
+    if not FULL_ALIGNED:  # padding past numel encodes as 0 (mask: how many elements of each row are real)
+        real = tl.arange(0, 8)[None, :] < left[:, None]
+        v = tl.where(real, v, 0.0)
+        b = tl.where(real, b, 0.0)
+        a = tl.where(real, a, 0.0)
+    return p, tl.sqrt_rn(v), b, a
 
 
 @triton.jit
@@ -485,11 +554,16 @@ def _rmsprop_kernel(
                                  lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
                                  key, P_DTYPE, MOMENTUM, CENTERED, FLAGS, STOCHASTIC_ROUNDING & FLAGS, True,
                                  NATIVE_BF16, BLOCK)
-            else:
+            else:  # a tail or unaligned chunk: masked, in two halves (half the registers: the kernel's count is
+                # that of its heaviest path; the extra work is on a rare path)
                 _update_chunk_q8(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
                                  lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
                                  key, P_DTYPE, MOMENTUM, CENTERED, FLAGS, STOCHASTIC_ROUNDING & FLAGS, False,
-                                 NATIVE_BF16, BLOCK)
+                                 NATIVE_BF16, BLOCK // 2)
+                _update_chunk_q8(p_addr, g_addr, v_addr, b_addr, a_addr, start + BLOCK // 2, numel,
+                                 lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
+                                 key, P_DTYPE, MOMENTUM, CENTERED, FLAGS, STOCHASTIC_ROUNDING & FLAGS, False,
+                                 NATIVE_BF16, BLOCK // 2)
         elif aligned and (start + BLOCK <= numel):
             _update_chunk(p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
                           lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
