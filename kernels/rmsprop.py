@@ -388,9 +388,9 @@ def _update_chunk_q8(
     MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr,
     SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, ELEMS: tl.constexpr,
 ):
-    """ELEMS elements from start with 8-bit state, block r (16 elements) as row r of two [ELEMS / 16, 8] halves: every load
-    first (one memory wave), decode, the float32 update, each block's new scale, encode, store. Padding past
-    numel encodes as 0. Masks (None for a full chunk): elements, codes of whole blocks, scale bytes."""
+    """ELEMS elements from start with 8-bit state, block r (16 elements) as row r of two [ELEMS / 16, 8] halves:
+    every load first (one memory wave), decode, the float32 update, each block's new scale, encode, store. Padding
+    past numel encodes as 0. Masks (None for a full chunk): elements, codes of whole blocks, scale bytes."""
     ROWS: tl.constexpr = ELEMS // 16
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, 8)
