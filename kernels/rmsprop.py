@@ -381,6 +381,52 @@ def _update_chunk(
 
 
 @triton.jit
+def _load_row(addr, start, first, left, N: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Elements first .. first + N - 1 of each row (first [R]; left [R]: how many of them exist, unless ALIGNED)."""
+    c = tl.arange(0, N)
+    if ALIGNED:
+        return _load(addr, start, first[:, None] + c[None, :], None, DTYPE, ALIGNED)
+    else:
+        return _load(addr, start, first[:, None] + c[None, :], c[None, :] < left[:, None], DTYPE, ALIGNED)
+
+
+@triton.jit
+def _store_row(addr, start, first, left, x, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
+               SR: tl.constexpr, r16):
+    c = tl.arange(0, x.shape[1])
+    if ALIGNED:
+        _store(addr, start, first[:, None] + c[None, :], None, x, DTYPE, ALIGNED, NATIVE_BF16, SR, r16)
+    else:
+        _store(addr, start, first[:, None] + c[None, :], c[None, :] < left[:, None], x, DTYPE, ALIGNED, NATIVE_BF16,
+               SR, r16)
+
+
+@triton.jit
+def _load8(addr, start, first, left, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Elements first .. first + 7 of each row ([R]; left: how many exist, ALIGNED: all) as float32 [R, 8].
+    float32: two [R, 4] quarters (128 bits each) joined in registers, so a thread holds its blocks in every dtype
+    (one layout, no conversion)."""
+    if tl.float32 == DTYPE:
+        x = tl.join(_load_row(addr, start, first, left, 4, DTYPE, ALIGNED),
+                    _load_row(addr, start, first + 4, left - 4, 4, DTYPE, ALIGNED))
+        return tl.reshape(tl.permute(x, [0, 2, 1]), [x.shape[0], 8])
+    else:
+        return _load_row(addr, start, first, left, 8, DTYPE, ALIGNED)
+
+
+@triton.jit
+def _store8(addr, start, first, left, x, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
+            SR: tl.constexpr, r16):
+    """The store of _load8's elements (float32 stores are exact: r16 unused)."""
+    if tl.float32 == DTYPE:
+        x0, x1 = tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, 4]), [0, 2, 1]))
+        _store_row(addr, start, first, left, x0, DTYPE, ALIGNED, NATIVE_BF16, SR, r16)
+        _store_row(addr, start, first + 4, left - 4, x1, DTYPE, ALIGNED, NATIVE_BF16, SR, r16)
+    else:
+        _store_row(addr, start, first, left, x, DTYPE, ALIGNED, NATIVE_BF16, SR, r16)
+
+
+@triton.jit
 def _update_chunk_q8(
     p_addr, g_addr, v_addr, b_addr, a_addr, start, numel,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc, key,
@@ -394,16 +440,13 @@ def _update_chunk_q8(
     ROWS: tl.constexpr = ELEMS // 16
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, 8)
-    lo = rows[:, None] * 16 + cols[None, :]
-    hi = lo + 8
     n16 = (numel + 15) // 16 * 16
-    m_lo = lo < numel - start
-    m_hi = hi < numel - start
+    left = numel - start - rows * 16  # per block: its real elements (16 or more: all)
     block = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
     c_all = rows[:, None] * 16 < numel - start  # whole blocks (padding included)
     r_mask = rows * 16 < numel - start
     if FULL_ALIGNED:
-        m_lo, m_hi, c_all, r_mask = None, None, None, None
+        c_all, r_mask = None, None
     scale_ptr = start // 16 + n16 + rows  # the blocks' scale bytes, after the codes
     vc_lo, vc_hi = _q8_load(v_addr, start, block, c_all, FULL_ALIGNED)
     vs = tl.load(v_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, mask=r_mask)
@@ -414,10 +457,10 @@ def _update_chunk_q8(
     if CENTERED:
         ac_lo, ac_hi = _q8_load(a_addr, start, block, c_all, FULL_ALIGNED)
         as_ = tl.load(a_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, mask=r_mask)
-    p_lo = _load(p_addr, start, lo, m_lo, P_DTYPE, FULL_ALIGNED)
-    p_hi = _load(p_addr, start, hi, m_hi, P_DTYPE, FULL_ALIGNED)
-    g_lo = _load(g_addr, start, lo, m_lo, P_DTYPE, FULL_ALIGNED)
-    g_hi = _load(g_addr, start, hi, m_hi, P_DTYPE, FULL_ALIGNED)
+    p_lo = _load8(p_addr, start, rows * 16, left, P_DTYPE, FULL_ALIGNED)
+    p_hi = _load8(p_addr, start, rows * 16 + 8, left - 8, P_DTYPE, FULL_ALIGNED)
+    g_lo = _load8(g_addr, start, rows * 16, left, P_DTYPE, FULL_ALIGNED)
+    g_hi = _load8(g_addr, start, rows * 16 + 8, left - 8, P_DTYPE, FULL_ALIGNED)
     v_lo = _q8_decode(vc_lo, vs, False)
     v_hi = _q8_decode(vc_hi, vs, False)
     b_lo, b_hi, a_lo, a_hi = v_lo, v_hi, v_lo, v_hi
@@ -427,7 +470,6 @@ def _update_chunk_q8(
     if CENTERED:
         a_lo = _q8_decode(ac_lo, as_, True)
         a_hi = _q8_decode(ac_hi, as_, True)
-    left = numel - start - rows * 16  # per block: its real elements (16 or more: all)
     p_lo, v_lo, b_lo, a_lo = _update_q8(p_lo, g_lo, v_lo, b_lo, a_lo, left, lr, alpha, one_minus_alpha, eps,
                                         weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
                                         FULL_ALIGNED)
@@ -457,8 +499,8 @@ def _update_chunk_q8(
         _q8_store(a_addr, start, block, c_all, a_lo, a_hi, inv, keep, pre1_lo, pre1_hi, True, False,
                   FULL_ALIGNED)
         tl.store(a_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
-    _store(p_addr, start, lo, m_lo, p_lo, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_lo))
-    _store(p_addr, start, hi, m_hi, p_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_hi))
+    _store8(p_addr, start, rows * 16, left, p_lo, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_lo))
+    _store8(p_addr, start, rows * 16 + 8, left - 8, p_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_hi))
 
 
 @triton.jit
