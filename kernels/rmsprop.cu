@@ -29,6 +29,8 @@ typedef unsigned short u16;
 
 struct f16 { u16 bits; };
 struct bf16 { u16 bits; };
+template <typename T> struct is_f16 { static constexpr bool value = false; };
+template <> struct is_f16<f16> { static constexpr bool value = true; };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(bf16 x) { return __uint_as_float(((u32)x.bits) << 16); }
@@ -215,6 +217,15 @@ template <> __device__ __forceinline__ f16 from_float_sr<f16>(float x, u32 r16) 
   const u32 y = mag >= 0x7F800000u ? bits : (e >= 103u ? big : tiny);  // inf, NaN as they are (cvt keeps them)
   return from_float<f16>(__uint_as_float(y));
 }
+// The same for |x| >= 2^-14 (f16's normal range), inf or 0: 13 dropped bits, 13 random ones (r16 >> 3) on top.
+// Not for NaN (its payload could carry into the sign) nor for 0 < |x| < 2^-14: f16_sr_general says which.
+__device__ __forceinline__ f16 from_float_sr_normal(float x, u32 r16) {
+  return from_float<f16>(__uint_as_float(((__float_as_uint(x) + (r16 >> 3)) >> 13) << 13));
+}
+__device__ __forceinline__ bool f16_sr_general(float x) {
+  const u32 mag = __float_as_uint(x) & 0x7FFFFFFFu;
+  return mag - 1u < 0x387FFFFFu || mag > 0x7F800000u;  // 0 < |x| < 2^-14, or NaN
+}
 template <typename T>
 __device__ __forceinline__ T store_value(float x, bool sr, u32 h, int shift) {
   return sr ? from_float_sr<T>(x, (h >> shift) & 0xFFFFu) : from_float<T>(x);
@@ -229,6 +240,27 @@ __device__ __forceinline__ void store_out(T* ptr, const float (&in)[N], bool sr,
   if (!sr) {
     store_vec(ptr, in);
     return;
+  }
+  if (is_f16<T>::value) {  // f16's exact path below its normal range behind one test for the thread's N values
+    bool general = false;
+#pragma unroll
+    for (int e = 0; e < N; ++e) general |= f16_sr_general(in[e]);
+    if (!general) {
+#pragma unroll
+      for (int k = 0; k < N / Packet<T>::N; ++k) {
+        u32 w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int e = k * Packet<T>::N + 2 * j;
+          w[j] = (u32)from_float_sr_normal(in[e], (h[e] >> shift) & 0xFFFFu).bits |
+                 ((u32)from_float_sr_normal(in[e + 1], (h[e + 1] >> shift) & 0xFFFFu).bits << 16);
+        }
+        uint4 r;
+        r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
+        store_global_128(ptr + k * Packet<T>::N, r);
+      }
+      return;
+    }
   }
 #pragma unroll
   for (int k = 0; k < N / Packet<T>::N; ++k) {
@@ -293,17 +325,20 @@ __device__ __forceinline__ u32 q8_block_scale(const float (&x)[16]) {
 // 20), an average that moves by less than half a code per step (v decaying by alpha) still moves in expectation;
 // round to nearest would freeze it. `noise` is r << SH (SH = 3 unsigned, 4 signed) with anything in its low SH
 // bits: those of the magnitude are cleared first, so whatever is there carries into nothing.
-template <bool SIGNED> __device__ __forceinline__ u32 q8_code(float x, float inv, u32 noise, u32& yb) {
+// ONE_MUL: f = 2^(15 - s), else f = 2^(127 - s) and a second multiply by 2^-112 (see q8_store).
+template <bool SIGNED, bool ONE_MUL>
+__device__ __forceinline__ u32 q8_code(float x, float f, u32 noise, u32& yb) {
   constexpr u32 LOW = SIGNED ? 0xFu : 0x7u;
-  yb = __float_as_uint((x * inv) * Q8_TWO_M112);
+  yb = __float_as_uint(ONE_MUL ? x * f : (x * f) * Q8_TWO_M112);
   const u32 c = ((yb & (0x7FFFFFFFu & ~LOW)) + noise) >> (SIGNED ? 20 : 19);
   return c > (SIGNED ? 127u : 255u) ? (SIGNED ? 127u : 255u) : c;  // saturate (3 or 4 mantissa bits)
 }
 // Four codes in a word (byte k: element k); signed: the sign of each scaled value on top (bit 7 of its byte)
-template <bool SIGNED> __device__ __forceinline__ u32 q8_encode4(const float* x, float inv, const u32* noise) {
+template <bool SIGNED, bool ONE_MUL>
+__device__ __forceinline__ u32 q8_encode4(const float* x, float f, const u32* noise) {
   u32 yb[4], c[4];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) c[k] = q8_code<SIGNED>(x[k], inv, noise[k], yb[k]);
+  for (int k = 0; k < 4; ++k) c[k] = q8_code<SIGNED, ONE_MUL>(x[k], f, noise[k], yb[k]);
   const u32 w = prmt(prmt(c[0], c[1], 0x0040u), prmt(c[2], c[3], 0x0040u), 0x5410u);
   if (!SIGNED) return w;
   const u32 signs = prmt(prmt(yb[0], yb[1], 0x00FBu), prmt(yb[2], yb[3], 0x00FBu), 0x5410u);  // 0xFF or 0 per byte
@@ -339,16 +374,20 @@ template <bool SIGNED> __device__ __forceinline__ void q8_decode_block(const Q8R
     q8_decode_pair<SIGNED>(prmt(r.w[j], 0u, 0x4342u), scale, out[4 * j + 2], out[4 * j + 3]);
   }
 }
-template <bool SIGNED, bool FULL>
-__device__ __forceinline__ void q8_store(unsigned char* q, i64 n16, i64 i, const float (&x)[16],
+// A code is read from y = x * 2^(15 - s) rounded once (|x| * 2^(127 - s) < 2 is exact unless it underflows, and
+// then y rounds to 0 either way). For s <= 164 2^(15 - s) is a float (subnormal from s = 142): one multiply
+// (ONE_MUL). Larger s, values of 2^37 and more in the block (rare: the caller tests its blocks together), takes two.
+__device__ __forceinline__ bool q8_one_mul(u32 s) { return s - 165u > 89u; }  // s <= 164 or 255 (codes masked)
+template <bool SIGNED, bool FULL, bool ONE_MUL>
+__device__ __forceinline__ void q8_store(unsigned char* q, i64 n16, i64 i, const float (&x)[16], u32 s,
                                          const u32 (&noise)[16]) {
-  const u32 s = q8_block_scale(x);
-  const float inv = __uint_as_float((254u - s) << 23);  // 2^(127 - s) (s = 255: unused, the codes are 0)
   // a block that held inf/NaN: codes 0 (scale 255). Masked, not tested: every path through the code encodes
   const u32 keep = ((s + 1u) >> 8) - 1u;  // 0 for s = 255, else all ones
+  const float inv = __uint_as_float((254u - s) << 23);  // 2^(127 - s)
+  const float f = ONE_MUL ? inv * Q8_TWO_M112 : inv;   // 2^(15 - s), exact while s <= 164
   u32 w[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) w[j] = q8_encode4<SIGNED>(x + 4 * j, inv, noise + 4 * j) & keep;
+  for (int j = 0; j < 4; ++j) w[j] = q8_encode4<SIGNED, ONE_MUL>(x + 4 * j, f, noise + 4 * j) & keep;
   if (FULL) {
     uint4 r;
     r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
@@ -404,6 +443,28 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
   }
 }
 
+// The three states' codes: square_avg from the high half of pair 0, momentum_buffer the low and grad_avg the high
+// half of pair 1 (pre: the hashes before their last xorshift).
+template <bool MOMENTUM, bool CENTERED, bool FULL, bool ONE_MUL>
+__device__ __forceinline__ void q8_store_all(unsigned char* v, unsigned char* b, unsigned char* a, i64 n16, i64 i,
+                                             const float (&root)[16], const float (&bv)[16], const float (&av)[16],
+                                             u32 sv, u32 sb, u32 sa, const u32 (&pre1)[16], const u32 (&pre0)[16]) {
+  u32 noise[16];
+#pragma unroll
+  for (int k = 0; k < 16; ++k) noise[k] = noise_hi<3>(pre0[k]);
+  q8_store<false, FULL, ONE_MUL>(v, n16, i, root, sv, noise);
+  if (MOMENTUM) {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) noise[k] = noise_lo<4>(pre1[k]);
+    q8_store<true, FULL, ONE_MUL>(b, n16, i, bv, sb, noise);
+  }
+  if (CENTERED) {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) noise[k] = noise_hi<4>(pre1[k]);
+    q8_store<true, FULL, ONE_MUL>(a, n16, i, av, sa, noise);
+  }
+}
+
 // The chunk with 8-bit state: thread t owns elements i = start + 16t .. i + 15 of it, one quantization block (so
 // a block's maximum needs no other thread). Decode, the float32 update, encode with the block's new scale,
 // store. FULL: the whole chunk is in bounds and 16-byte aligned (128-bit accesses, no bounds tests).
@@ -449,20 +510,11 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
     pre0[k] = hg.pre(2u * k);
     pre1[k] = (MOMENTUM || CENTERED) ? hg.pre(2u * k + 1u) : 0u;
   }
-  u32 noise[16];
-#pragma unroll
-  for (int k = 0; k < 16; ++k) noise[k] = noise_hi<3>(pre0[k]);
-  q8_store<false, FULL>(v, n16, i, root, noise);
-  if (MOMENTUM) {
-#pragma unroll
-    for (int k = 0; k < 16; ++k) noise[k] = noise_lo<4>(pre1[k]);
-    q8_store<true, FULL>(b, n16, i, bv, noise);
-  }
-  if (CENTERED) {
-#pragma unroll
-    for (int k = 0; k < 16; ++k) noise[k] = noise_hi<4>(pre1[k]);
-    q8_store<true, FULL>(a, n16, i, av, noise);
-  }
+  const u32 sv = q8_block_scale(root), sb = MOMENTUM ? q8_block_scale(bv) : 1u, sa = CENTERED ? q8_block_scale(av) : 1u;
+  if (q8_one_mul(sv) && q8_one_mul(sb) && q8_one_mul(sa))
+    q8_store_all<MOMENTUM, CENTERED, FULL, true>(v, b, a, n16, i, root, bv, av, sv, sb, sa, pre1, pre0);
+  else
+    q8_store_all<MOMENTUM, CENTERED, FULL, false>(v, b, a, n16, i, root, bv, av, sv, sb, sa, pre1, pre0);
   if (FULL && sr) {
 #pragma unroll
     for (int k = 0; k < 16; ++k) pre0[k] = lo16(pre0[k]);  // store_out takes its bits at shift 0
