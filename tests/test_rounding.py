@@ -106,13 +106,15 @@ def test_every_backend_rounds_with_the_specified_stream_bit_for_bit(backend, dty
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_every_binade_rounds_as_specified(backend, dtype):
     """Buffers and grads over 2^-40 .. 2^12 with both signs (f16: its subnormals, and values below its smallest
-    that round to 0 or 2^-24), one chunk with an unaligned tail: every stored bit as the numpy spec says."""
+    that round to 0 or 2^-24), NaN and infinite buffers, one chunk with an unaligned tail: every stored bit as the
+    numpy spec says."""
     rng = np.random.default_rng(4)
     n = 2048 + 999
     dt = DTYPES[dtype]
     p = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(dt)
     wide = [torch.from_numpy((rng.choice([-1.0, 1.0], n) * np.exp2(rng.uniform(-40, 12, n))).astype(np.float32))
             .to(dt) for _ in range(2)]
+    wide[1][[5, 77, 2100]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dt)  # buffers: kept
     v = torch.from_numpy(4.0 ** rng.integers(-3, 3, n)).to(dt)
     p1, v1, buf, st = run(backend, (p, wide[0], v, wide[1]), step=7, momentum=0.5)
     p0, g0, v0, b0 = (t.double().numpy() for t in (p, wide[0], v, wide[1]))
