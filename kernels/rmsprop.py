@@ -107,8 +107,13 @@ def _stream_key(seed, step, stream):
 @triton.jit
 def _pair_bits(key, start, offs, PAIR: tl.constexpr):
     """32 random bits per element: pair 0 for p (low half) and square_avg (high), 1 for momentum_buffer and
-    grad_avg (kernels/rmsprop.cu: pair_bits)."""
-    return _mix32(key ^ ((start + offs).to(tl.uint32) * 2 + PAIR))
+    grad_avg (kernels/rmsprop.cu: pair_bits) = mix32(key ^ (2 (start + offs) + PAIR)), computed per group of 8
+    (start a multiple of 8): the group's part once (_hash_base), then each element's low bits."""
+    x = _hash_base(key, start + (offs & -8)) ^ ((offs & 7).to(tl.uint32) * 2 + PAIR)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
 
 
 @triton.jit

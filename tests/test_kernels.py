@@ -21,8 +21,10 @@ from tools.kernel_report import (
     ISSUE_BUDGET,
     KNOWN_SPILLS,
     OPT_IN_COST,
+    is_opt_in,
     layouts,
     minimum_bytes,
+    opt_in_misses,
     problems,
 )
 
@@ -265,6 +267,21 @@ def test_report_flags_what_misses_the_budget(static_report):
                           ({"ftz_ops": 1}, "flush-to-zero"), ({"slow_calls": 1}, "slow-path")]:
         (problem,) = problems([{**row, **change}])
         assert words in problem
+
+
+def test_report_measures_the_opt_in_budget(static_report):
+    """8-bit state and stochastic rounding have their own budget (issue 27): reported with each miss, the report
+    does not fail on it."""
+    rows, _ = static_report
+    opt = [r for r in rows if is_opt_in(r)]
+    assert {r["state"] for r in opt} >= {"uint8", "float16", "bfloat16"} and all(r["slack"] > 0 for r in opt)
+    row = opt[0]
+    assert opt_in_misses([{**row, "h200_issue_pct": 80.0, "slack": 1.2, "spill_bytes": 0}]) == []
+    for change, words in [({"h200_issue_pct": 80.1}, "issue slots"), ({"slack": 1.19}, "slack"),
+                          ({"spill_bytes": 8}, "spilled")]:
+        (miss,) = opt_in_misses([{**row, "h200_issue_pct": 50.0, "slack": 2.0, "spill_bytes": 0, **change}])
+        assert words in miss
+    assert opt_in_misses([{**rows[0], "flag_set": "defaults", "state": "float32", "h200_issue_pct": 99.0}]) == []
 
 
 @pytest.mark.parametrize("options", [
