@@ -21,6 +21,7 @@ from tools.kernel_report import (
     ISSUE_BUDGET,
     KNOWN_SPILLS,
     OPT_IN_COST,
+    compare_opt_in,
     is_opt_in,
     layouts,
     minimum_bytes,
@@ -282,6 +283,12 @@ def test_report_measures_the_opt_in_budget(static_report):
         (miss,) = opt_in_misses([{**row, "h200_issue_pct": 50.0, "slack": 2.0, "spill_bytes": 0, **change}])
         assert words in miss
     assert opt_in_misses([{**rows[0], "flag_set": "defaults", "state": "float32", "h200_issue_pct": 99.0}]) == []
+    before = [{**r, "h200_issue_pct": 90.0, "toolchain": "nvrtc 13.0"} for r in opt if r["backend"] == "cupy"]
+    after = [{**r, "h200_issue_pct": 50.0, "toolchain": "nvrtc 13.0"} for r in opt if r["backend"] == "cupy"]
+    table = compare_opt_in(before, after)
+    assert table.count("\n") == 2 + len({(r["flag_set"], r["variant"], r["params"], r["state"]) for r in after
+                                          if r["arch"] == "sm_90"})
+    assert "90.0 -> 50.0" in table and "**" not in table  # nothing over the budget: nothing in bold
 
 
 @pytest.mark.parametrize("options", [

@@ -5,8 +5,8 @@ point per layout and flags, flush-to-zero off) for sm_80/sm_90; Triton ahead of 
 the backend's num_warps, its PTX through the ptxas Triton ships. For every backend x arch x flag set x variant x
 dtype layout it reports
 - registers, spills, local memory (ptxas -v), shared memory and resident warps per SM;
-- 128-bit global loads/stores per element in the PTX against the minimum (each input read once, each output
-  written once);
+- 128-bit global loads/stores per element on the full-chunk path against the minimum (each input read once,
+  each output written once);
 - from the SASS (nvdisasm) along the full-chunk path (tools/sass.py): instructions per element in all and in
   the per-chunk prologue, narrow global accesses and slow-path calls on that path, data bytes requested before
   the first wait, load waves, and the share of H100/H200 issue capacity needed at 92% of copy bandwidth.
@@ -85,13 +85,12 @@ def layouts(flags: int) -> tuple:
 
 
 def ptx_traffic(ptx: str, elems_per_thread: int) -> dict:
-    """Vector width and per-element bytes of the vectorized (fast) path of one kernel's PTX."""
+    """Vector width, local memory and flush-to-zero instructions of one kernel's PTX (the bytes moved per element
+    are counted on the machine code's full-chunk path: sass_metrics)."""
     loads = [int(n) * int(b) // 8 for n, b in _VEC_LD.findall(ptx)]
     stores = [int(n) * int(b) // 8 for n, b in _VEC_ST.findall(ptx)]
     return {
         "vector_bits": 8 * max(loads + stores, default=0),
-        "load_bytes_per_elem": sum(loads) / elems_per_thread,
-        "store_bytes_per_elem": sum(stores) / elems_per_thread,
         "local_memory_ops": len(_LOCAL.findall(ptx)),
         "ftz_ops": len(re.findall(r"\.ftz\b", ptx)),  # flush-to-zero arithmetic: torch keeps subnormals
     }
@@ -156,6 +155,9 @@ def sass_metrics(fn: sass.Function, elems_per_thread: int, bytes_per_elem: int, 
     per_elem = st.instructions / elems_per_thread
     warps = sass.warps_per_sm(registers, threads, shared_bytes)
     return {
+        # 128-bit data accesses on the path (the PTX holds more where a rare case has its own copy of the code)
+        "load_bytes_per_elem": 16 * st.data_loads / elems_per_thread,
+        "store_bytes_per_elem": 16 * st.data_stores / elems_per_thread,
         "instr_per_elem": round(per_elem, 1),
         "prologue_per_elem": round(st.prologue / elems_per_thread, 1),
         "hot_path_instr": st.instructions,
@@ -366,6 +368,45 @@ def opt_in_section(rows: list[dict]) -> str:
             + (f"{len(misses)} not:\n" + "".join(f"- {m}\n" for m in misses) if misses else "all of them.\n") + "\n")
 
 
+def share_of(row: dict) -> float:
+    return row["h200_issue_pct"]
+
+
+def slack_of(row: dict) -> float:
+    """Bytes in flight per SM over what an H200 needs (rows of reports older than the slack column too)."""
+    return row.get("slack", round(row["kib_in_flight_per_sm"] * 1024 / sass.bytes_in_flight_needed(sass.H200), 2))
+
+
+def compare_opt_in(before: list[dict], after: list[dict], arch: str = "sm_90") -> str:
+    """Markdown: each opt-in variant's H200 issue share and slack before -> after (bold: over the budget), CUDA C
+    and the GPU image's Triton (what a lent GPU runs), for one arch."""
+    def key(r):
+        return r["flag_set"], r["variant"], r["params"], r["state"]
+
+    def pick(rows, toolchain):
+        return {key(r): r for r in rows if r["arch"] == arch and is_opt_in(r) and r["toolchain"].startswith(toolchain)}
+
+    def cell(b, a, value, over):
+        now = f"**{value(a)}**" if over(a) else f"{value(a)}"
+        return now if b is None else f"{value(b)} -> {now}"
+
+    tri = next((r["toolchain"] for r in after if r["toolchain"].startswith("triton 3.6")), "triton")
+    cols = [(name, pick(before, tc), pick(after, tc)) for name, tc in (("CUDA C", "nvrtc"), (tri, tri))]
+    keys = sorted(set().union(*(set(a) for _, _, a in cols)), key=lambda k: (k[0], list(LAYOUTS).index(k[1]), k[2:]))
+    head = " | ".join(f"{n}: H200 % | {n}: slack" for n, _, _ in cols)
+    out = f"| set | variant | params / state | {head} |\n|" + "---|" * (3 + 2 * len(cols)) + "\n"
+    for k in keys:
+        cells = []
+        for _, b, a in cols:
+            if k not in a:
+                cells += ["", ""]
+                continue
+            cells += [cell(b.get(k), a[k], share_of, lambda r: share_of(r) > 100 * OPT_IN_BUDGET),
+                      cell(b.get(k), a[k], slack_of, lambda r: slack_of(r) < MIN_SLACK)]
+        out += f"| {k[0]} | {k[1]} | {k[2]} / {k[3]} | " + " | ".join(cells) + " |\n"
+    return out
+
+
 def versions() -> dict:
     out = {"python": sys.version.split()[0]}
     try:
@@ -423,9 +464,15 @@ def main(argv=None) -> int:
     ap.add_argument("--flag-sets", nargs="+", choices=list(FLAG_SETS), default=list(FLAG_SETS))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"),
+                    help="print the opt-in variants' issue share and slack of two report JSONs side by side, and exit")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="rows of other runs (e.g. Triton 3.6, the GPU image's) to add to the markdown and json")
     args = ap.parse_args(argv)
+    if args.compare:
+        before, after = (json.loads(path.read_text())["rows"] for path in args.compare)
+        print(compare_opt_in(before, after))
+        return 0
     flag_sets = {k: FLAG_SETS[k] for k in args.flag_sets}
     vers = versions()
     rows = []
