@@ -235,6 +235,23 @@ template <int N>
 __device__ __forceinline__ void store_out(float* ptr, const float (&in)[N], bool, const u32 (&)[N], int) {
   store_vec(ptr, in);  // float32 stores are exact: nothing to round
 }
+// N 16-bit values in 128-bit stores, each rounded by round(x, its 16 random bits)
+template <typename T, int N, typename Round>
+__device__ __forceinline__ void store_rounded(T* ptr, const float (&in)[N], const u32 (&h)[N], int shift, Round round) {
+#pragma unroll
+  for (int k = 0; k < N / Packet<T>::N; ++k) {
+    u32 w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int e = k * Packet<T>::N + 2 * j;
+      w[j] = (u32)round(in[e], (h[e] >> shift) & 0xFFFFu).bits |
+             ((u32)round(in[e + 1], (h[e + 1] >> shift) & 0xFFFFu).bits << 16);
+    }
+    uint4 r;
+    r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
+    store_global_128(ptr + k * Packet<T>::N, r);
+  }
+}
 template <typename T, int N>  // 16-bit T
 __device__ __forceinline__ void store_out(T* ptr, const float (&in)[N], bool sr, const u32 (&h)[N], int shift) {
   if (!sr) {
@@ -246,35 +263,11 @@ __device__ __forceinline__ void store_out(T* ptr, const float (&in)[N], bool sr,
 #pragma unroll
     for (int e = 0; e < N; ++e) general |= f16_sr_general(in[e]);
     if (!general) {
-#pragma unroll
-      for (int k = 0; k < N / Packet<T>::N; ++k) {
-        u32 w[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int e = k * Packet<T>::N + 2 * j;
-          w[j] = (u32)from_float_sr_normal(in[e], (h[e] >> shift) & 0xFFFFu).bits |
-                 ((u32)from_float_sr_normal(in[e + 1], (h[e + 1] >> shift) & 0xFFFFu).bits << 16);
-        }
-        uint4 r;
-        r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
-        store_global_128(ptr + k * Packet<T>::N, r);
-      }
+      store_rounded(ptr, in, h, shift, [](float x, u32 r16) { return from_float_sr_normal(x, r16); });
       return;
     }
   }
-#pragma unroll
-  for (int k = 0; k < N / Packet<T>::N; ++k) {
-    u32 w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int e = k * Packet<T>::N + 2 * j;
-      w[j] = (u32)from_float_sr<T>(in[e], (h[e] >> shift) & 0xFFFFu).bits |
-             ((u32)from_float_sr<T>(in[e + 1], (h[e + 1] >> shift) & 0xFFFFu).bits << 16);
-    }
-    uint4 r;
-    r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
-    store_global_128(ptr + k * Packet<T>::N, r);
-  }
+  store_rounded(ptr, in, h, shift, [](float x, u32 r16) { return from_float_sr<T>(x, r16); });
 }
 
 // 8-bit blockwise state (rmsprop_gpu/quantize.py has the format and the same codec in torch): one uint8 tensor
