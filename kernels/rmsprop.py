@@ -117,23 +117,33 @@ def _pair_bits(key, start, offs, PAIR: tl.constexpr):
 
 
 @triton.jit
-def _sr_general(x):
-    """f16 stochastic rounding needs its exact path for 0 < |x| < 2^-14 and NaN (kernels/rmsprop.cu:
-    f16_sr_general)."""
-    mag = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
-    return ((mag - 1) < 0x387FFFFF) | (mag > 0x7F800000)
+def _sr_key(x):
+    """f16 stochastic rounding may take its short path for values whose key is >= 2^-14 (_sr_normal): 0 and
+    |x| >= 2^-14 (nothing below f16's normal range to round, nothing NaN; kernels/rmsprop.cu: f16_sr_general).
+    Keys reduce by their minimum (NaN wins), so one test covers a tile."""
+    return tl.where(x == 0.0, 1.0, tl.abs(x))
 
 
 @triton.jit
-def _to_storage_sr(x, DTYPE: tl.constexpr, NATIVE_BF16: tl.constexpr, r16, normal):
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _sr_normal(key):
+    return key >= 6.103515625e-05  # ordered: NaN is not
+
+
+@triton.jit
+def _to_storage_sr(x, DTYPE: tl.constexpr, r16, NORMAL: tl.constexpr):
     """Stochastic rounding to a 16-bit DTYPE with 16 random bits r16 (kernels/rmsprop.cu: from_float_sr): up with
-    probability equal to x's distance from the value below in units of the 16-bit spacing. normal (f16): no value
-    of the program's tile needs the exact path below f16's normal range (one test for the tile)."""
+    probability equal to x's distance from the value below in units of the 16-bit spacing. NORMAL (f16): the
+    caller knows no value needs the exact path below f16's normal range (_sr_normal)."""
     bits = x.to(tl.uint32, bitcast=True)
     if tl.bfloat16 == DTYPE:
         out = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, (bits + r16) >> 16)  # NaN stays NaN
         return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    elif normal:  # 13 dropped bits, the top 13 random bits added, truncate (inf stays inf)
+    elif NORMAL:  # 13 dropped bits, the top 13 random bits added, truncate (inf stays inf)
         return (((bits + (r16 >> 3)) >> 13) << 13).to(tl.float32, bitcast=True).to(tl.float16)
     else:  # float16
         mag = bits & 0x7FFFFFFF
@@ -267,10 +277,12 @@ def _load(addr, start, offs, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _store(addr, start, offs, mask, x, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
-           SR: tl.constexpr, r16, normal):
-    if SR and tl.float32 != DTYPE:  # float32 stores are exact: nothing to round
-        y = _to_storage_sr(x, DTYPE, NATIVE_BF16, r16, normal)
-    else:
+           SR: tl.constexpr, r16, NORMAL: tl.constexpr):
+    """NORMAL: f16 stochastic rounding's short path (the caller branches on _sr_normal around all its stores: a
+    branch around each store, or one yielding values, costs registers or a layout conversion)."""
+    if SR and tl.float32 != DTYPE:
+        y = _to_storage_sr(x, DTYPE, r16, NORMAL)
+    else:  # float32 stores are exact: nothing to round
         y = _to_storage(x, DTYPE, NATIVE_BF16)
     tl.store(_ptr(addr, start, DTYPE, ALIGNED) + offs, y, mask=mask)
 
@@ -342,22 +354,35 @@ def _store_tile(p, v, b, a, p_addr, v_addr, b_addr, a_addr, start, offs, mask, k
         h0 = _pair_bits(key, start, offs, 0)
         if MOMENTUM or CENTERED:
             h1 = _pair_bits(key, start, offs, 1)
-    normal = False
-    if SR and (tl.float16 == P_DTYPE or tl.float16 == S_DTYPE):  # one test for the tile's f16 outputs
-        general = _sr_general(p) if tl.float16 == P_DTYPE else p != p
+    if SR and tl.float16 == P_DTYPE:  # one test for the tile's f16 outputs (f16 state comes with f16 params)
+        key = _sr_key(p)
         if tl.float16 == S_DTYPE:
-            general = general | _sr_general(v)
+            key = _min_nan(key, _sr_key(v))
             if MOMENTUM:
-                general = general | _sr_general(b)
+                key = _min_nan(key, _sr_key(b))
             if CENTERED:
-                general = general | _sr_general(a)
-        normal = tl.max(general.to(tl.int32), 0) == 0
-    _store(p_addr, start, offs, mask, p, P_DTYPE, ALIGNED, NATIVE_BF16, SR, h0 & 0xFFFF, normal)
-    _store(v_addr, start, offs, mask, v, S_DTYPE, ALIGNED, NATIVE_BF16, SR, h0 >> 16, normal)
+                key = _min_nan(key, _sr_key(a))
+        if _sr_normal(tl.reduce(key, 0, _min_nan)):
+            _store_outputs(p, v, b, a, p_addr, v_addr, b_addr, a_addr, start, offs, mask, h0, h1, P_DTYPE, S_DTYPE,
+                           MOMENTUM, CENTERED, SR, ALIGNED, NATIVE_BF16, True)
+        else:
+            _store_outputs(p, v, b, a, p_addr, v_addr, b_addr, a_addr, start, offs, mask, h0, h1, P_DTYPE, S_DTYPE,
+                           MOMENTUM, CENTERED, SR, ALIGNED, NATIVE_BF16, False)
+    else:
+        _store_outputs(p, v, b, a, p_addr, v_addr, b_addr, a_addr, start, offs, mask, h0, h1, P_DTYPE, S_DTYPE,
+                       MOMENTUM, CENTERED, SR, ALIGNED, NATIVE_BF16, False)
+
+
+@triton.jit
+def _store_outputs(p, v, b, a, p_addr, v_addr, b_addr, a_addr, start, offs, mask, h0, h1,
+                   P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr,
+                   SR: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, NORMAL: tl.constexpr):
+    _store(p_addr, start, offs, mask, p, P_DTYPE, ALIGNED, NATIVE_BF16, SR, h0 & 0xFFFF, NORMAL)
+    _store(v_addr, start, offs, mask, v, S_DTYPE, ALIGNED, NATIVE_BF16, SR, h0 >> 16, NORMAL)
     if MOMENTUM:
-        _store(b_addr, start, offs, mask, b, S_DTYPE, ALIGNED, NATIVE_BF16, SR, h1 & 0xFFFF, normal)
+        _store(b_addr, start, offs, mask, b, S_DTYPE, ALIGNED, NATIVE_BF16, SR, h1 & 0xFFFF, NORMAL)
     if CENTERED:
-        _store(a_addr, start, offs, mask, a, S_DTYPE, ALIGNED, NATIVE_BF16, SR, h1 >> 16, normal)
+        _store(a_addr, start, offs, mask, a, S_DTYPE, ALIGNED, NATIVE_BF16, SR, h1 >> 16, NORMAL)
 
 
 @triton.jit
@@ -418,13 +443,13 @@ def _load_row(addr, start, first, left, N: tl.constexpr, DTYPE: tl.constexpr, AL
 
 @triton.jit
 def _store_row(addr, start, first, left, x, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
-               SR: tl.constexpr, r16, normal):
+               SR: tl.constexpr, r16, NORMAL: tl.constexpr):
     c = tl.arange(0, x.shape[1])
     if ALIGNED:
-        _store(addr, start, first[:, None] + c[None, :], None, x, DTYPE, ALIGNED, NATIVE_BF16, SR, r16, normal)
+        _store(addr, start, first[:, None] + c[None, :], None, x, DTYPE, ALIGNED, NATIVE_BF16, SR, r16, NORMAL)
     else:
         _store(addr, start, first[:, None] + c[None, :], c[None, :] < left[:, None], x, DTYPE, ALIGNED, NATIVE_BF16,
-               SR, r16, normal)
+               SR, r16, NORMAL)
 
 
 @triton.jit
@@ -442,14 +467,14 @@ def _load8(addr, start, first, left, DTYPE: tl.constexpr, ALIGNED: tl.constexpr)
 
 @triton.jit
 def _store8(addr, start, first, left, x, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
-            SR: tl.constexpr, r16, normal):
+            SR: tl.constexpr, r16, NORMAL: tl.constexpr):
     """The store of _load8's elements (float32 stores are exact: r16 unused)."""
     if tl.float32 == DTYPE:
         x0, x1 = tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, 4]), [0, 2, 1]))
-        _store_row(addr, start, first, left, x0, DTYPE, ALIGNED, NATIVE_BF16, SR, r16, normal)
-        _store_row(addr, start, first + 4, left - 4, x1, DTYPE, ALIGNED, NATIVE_BF16, SR, r16, normal)
+        _store_row(addr, start, first, left, x0, DTYPE, ALIGNED, NATIVE_BF16, SR, r16, NORMAL)
+        _store_row(addr, start, first + 4, left - 4, x1, DTYPE, ALIGNED, NATIVE_BF16, SR, r16, NORMAL)
     else:
-        _store_row(addr, start, first, left, x, DTYPE, ALIGNED, NATIVE_BF16, SR, r16, normal)
+        _store_row(addr, start, first, left, x, DTYPE, ALIGNED, NATIVE_BF16, SR, r16, NORMAL)
 
 
 @triton.jit
@@ -502,22 +527,29 @@ def _update_chunk_q8(
     p_hi, v_hi, b_hi, a_hi = _update_q8(p_hi, g_hi, v_hi, b_hi, a_hi, left - 8, lr, alpha, one_minus_alpha, eps,
                                         weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
                                         FULL_ALIGNED)
-    normal = False
-    if SR and tl.float16 == P_DTYPE:  # one test for the chunk's f16 params (kernels/rmsprop.cu: store_out)
-        normal = tl.max((_sr_general(p_lo) | _sr_general(p_hi)).to(tl.int32)) == 0
     # random bits (kernels/rmsprop.cu: q8_chunk): pair 0 for p (low half, with SR) and square_avg's codes (high),
     # pair 1 for momentum_buffer (low) and grad_avg (high)
     base = _hash_base(key, start + rows * 16)
     pre0_lo = _hash_pre(base, 2 * cols.to(tl.uint32))
     pre0_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 16)
-    pre1_lo, pre1_hi = pre0_lo, pre0_hi
-    if MOMENTUM or CENTERED:
-        pre1_lo = _hash_pre(base, 2 * cols.to(tl.uint32) + 1)
-        pre1_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 17)
+    if SR and tl.float16 == P_DTYPE:  # one test for the chunk's f16 params (kernels/rmsprop.cu: store_out)
+        if _sr_normal(tl.reduce(_min_nan(_sr_key(p_lo), _sr_key(p_hi)), None, _min_nan)):
+            _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
+                        SR, True)
+        else:
+            _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
+                        SR, False)
+    else:
+        _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
+                    SR, False)
     s, inv, keep = _q8_scale(v_lo, v_hi)
     _q8_store(v_addr, start, block, c_all, v_lo, v_hi, inv, keep, pre0_lo, pre0_hi, False, False,
               FULL_ALIGNED)
     tl.store(v_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
+    pre1_lo, pre1_hi = pre0_lo, pre0_hi  # (after p and square_avg: fewer values live)
+    if MOMENTUM or CENTERED:
+        pre1_lo = _hash_pre(base, 2 * cols.to(tl.uint32) + 1)
+        pre1_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 17)
     if MOMENTUM:
         s, inv, keep = _q8_scale(b_lo, b_hi)
         _q8_store(b_addr, start, block, c_all, b_lo, b_hi, inv, keep, pre1_lo, pre1_hi, True, True,
@@ -528,9 +560,14 @@ def _update_chunk_q8(
         _q8_store(a_addr, start, block, c_all, a_lo, a_hi, inv, keep, pre1_lo, pre1_hi, True, False,
                   FULL_ALIGNED)
         tl.store(a_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
-    _store8(p_addr, start, rows * 16, left, p_lo, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_lo), normal)
+
+
+@triton.jit
+def _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE: tl.constexpr,
+                FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, SR: tl.constexpr, NORMAL: tl.constexpr):
+    _store8(p_addr, start, rows * 16, left, p_lo, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_lo), NORMAL)
     _store8(p_addr, start, rows * 16 + 8, left - 8, p_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_hi),
-            normal)
+            NORMAL)
 
 
 @triton.jit
