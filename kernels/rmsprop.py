@@ -164,17 +164,27 @@ def _to_storage_sr(x, DTYPE: tl.constexpr, r16, NORMAL: tl.constexpr):
 # chunk is handled as two [BLOCK / 16, 8] halves, row r of both being block r: with 8 elements of every dtype per
 # thread, a thread holds whole blocks and nothing changes layout (no shuffles, no shared memory).
 @triton.jit
-def _q8_decode(c, s, SIGNED: tl.constexpr):
-    """uint8 codes [R, 8] and their blocks' scale bytes [R] -> float32: a code's bits placed as a half's are its
-    value * 2^112, subnormal codes included (kernels/rmsprop.cu: q8_decode_pair)."""
-    c = c.to(tl.uint32)
-    if SIGNED:
-        h = ((c & 0x7F) << 7) | ((c & 0x80) << 8)
-    else:
-        h = c << 6
-    x = h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    scale = (s.to(tl.uint32) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127); 0 for s = 0; inf for 255
-    return x * scale[:, None]
+def _half(h):
+    """The half whose bits are h's low 16 (h < 2^16 or garbage above), as float32."""
+    return h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _q8_decode(w, s, SIGNED: tl.constexpr):
+    """Codes as little-endian words [R, N] (4 per word; block r in row r) and their blocks' scale bytes [R] ->
+    float32 [R, 4N]: a code's bits placed as a half's are its value * 2^112, subnormal codes included
+    (kernels/rmsprop.cu: q8_decode_pair). Two codes per 32-bit operation: codes 0 and 2 of a word (bytes 0 and 2)
+    move into the two halves of one register, codes 1 and 3 into another."""
+    if SIGNED:  # sign at 15, magnitude at 13..7
+        even = ((w << 8) & 0x80008000) | ((w << 7) & 0x3F803F80)
+        odd = (w & 0x80008000) | ((w >> 1) & 0x3F803F80)
+    else:  # at 13..6
+        even = (w << 6) & 0x3FC03FC0
+        odd = (w >> 2) & 0x3FC03FC0
+    scale = ((s.to(tl.uint32) << 23).to(tl.float32, bitcast=True))[:, None]  # 2^(s - 127); 0 for s = 0; inf: 255
+    x = tl.join(tl.join(_half(even) * scale, _half(even >> 16) * scale),
+                tl.join(_half(odd) * scale, _half(odd >> 16) * scale))  # [R, N, 2, 2]: element 4j + 2m + n
+    return tl.reshape(x, [x.shape[0], 4 * x.shape[1]])
 
 
 @triton.jit
@@ -195,15 +205,17 @@ def _q8_scale(lo, hi):
 
 
 @triton.jit
-def _q8_codes(x, inv, keep, noise, SIGNED: tl.constexpr):
-    """float32 [R, 8] -> uint8 codes, rounded stochastically: noise is 16 random bits at the top of the dropped
-    field (r << 3 unsigned, r << 4 signed) with anything below, where the magnitude's bits are cleared first."""
+def _q8_words(x, inv, keep, noise, SIGNED: tl.constexpr):
+    """float32 [R, 8] -> codes as little-endian words [R, 2] (4 per word), rounded stochastically: noise is 16
+    random bits at the top of the dropped field (r << 3 unsigned, r << 4 signed) with anything below, where the
+    magnitude's bits are cleared first. The NaN-block mask (keep) goes on whole words."""
     yb = ((x * inv[:, None]) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)
     if SIGNED:
         c = tl.minimum(((yb & 0x7FFFFFF0) + noise) >> 20, 127) | ((yb >> 24) & 0x80)
     else:
         c = tl.minimum(((yb & 0x7FFFFFF8) + noise) >> 19, 255)
-    return (c & keep[:, None]).to(tl.uint8)
+    w = tl.sum(tl.reshape(c, [c.shape[0], 2, 4]) << (tl.arange(0, 4) * 8).to(tl.uint32)[None, None, :], 2)
+    return w & keep[:, None]
 
 
 @triton.jit
@@ -240,10 +252,16 @@ def _noise_lo(pre, SH: tl.constexpr):
 
 
 @triton.jit
-def _q8_load(addr, start, block, mask, ALIGNED: tl.constexpr):
-    """Codes [R, 16] (one 128-bit load per block when aligned) -> their halves [R, 8] (in registers)."""
-    c = tl.load(_ptr(addr, start, tl.uint8, ALIGNED) + block, mask=mask)
-    return tl.split(tl.permute(tl.reshape(c, [c.shape[0], 2, 8]), [0, 2, 1]))
+def _q8_load(addr, start, rows, block, mask, ALIGNED: tl.constexpr):
+    """Each row's block of codes as little-endian words, two [R, 2] halves (elements 0-7, 8-15): one 128-bit load
+    when aligned, else bytes."""
+    if ALIGNED:
+        ptr = tl.multiple_of((addr + start).to(tl.pointer_type(tl.uint32)), 16)
+        w = tl.load(ptr + rows[:, None] * 4 + tl.arange(0, 4)[None, :])
+    else:
+        c = tl.load(_ptr(addr, start, tl.uint8, ALIGNED) + block, mask=mask).to(tl.uint32)
+        w = tl.sum(tl.reshape(c, [c.shape[0], 4, 4]) << (tl.arange(0, 4) * 8).to(tl.uint32)[None, None, :], 2)
+    return tl.split(tl.permute(tl.reshape(w, [w.shape[0], 2, 2]), [0, 2, 1]))
 
 
 @triton.jit
@@ -256,9 +274,14 @@ def _q8_store(addr, start, block, mask, x_lo, x_hi, inv, keep, pre_lo, pre_hi,
     else:
         n_lo = _noise_hi(pre_lo, SH)
         n_hi = _noise_hi(pre_hi, SH)
-    c = tl.join(_q8_codes(x_lo, inv, keep, n_lo, SIGNED), _q8_codes(x_hi, inv, keep, n_hi, SIGNED))  # [R, 8, 2]
-    c = tl.reshape(tl.permute(c, [0, 2, 1]), [c.shape[0], 16])
-    tl.store(_ptr(addr, start, tl.uint8, ALIGNED) + block, c, mask=mask)
+    w = tl.join(_q8_words(x_lo, inv, keep, n_lo, SIGNED), _q8_words(x_hi, inv, keep, n_hi, SIGNED))  # [R, 2, 2]
+    w = tl.reshape(tl.permute(w, [0, 2, 1]), [w.shape[0], 4])  # words 0-3 of each block
+    if ALIGNED:
+        ptr = tl.multiple_of((addr + start).to(tl.pointer_type(tl.uint32)), 16)
+        tl.store(ptr + tl.arange(0, w.shape[0])[:, None] * 4 + tl.arange(0, 4)[None, :], w)
+    else:
+        c = tl.reshape(w[:, :, None] >> (tl.arange(0, 4) * 8).to(tl.uint32)[None, None, :], [w.shape[0], 16])
+        tl.store(_ptr(addr, start, tl.uint8, ALIGNED) + block, c.to(tl.uint8), mask=mask)
 
 
 @triton.jit
@@ -499,31 +522,35 @@ def _update_chunk_q8(
     if FULL_ALIGNED:
         c_all, r_mask = None, None
     scale_ptr = start // 16 + n16 + rows  # the blocks' scale bytes, after the codes
-    vc_lo, vc_hi = _q8_load(v_addr, start, block, c_all, FULL_ALIGNED)
+    vw_lo, vw_hi = _q8_load(v_addr, start, rows, block, c_all, FULL_ALIGNED)
     vs = tl.load(v_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, mask=r_mask)
-    bc_lo, bc_hi, bs, ac_lo, ac_hi, as_ = vc_lo, vc_hi, vs, vc_lo, vc_hi, vs
+    bw_lo, bw_hi, bs, aw_lo, aw_hi, as_ = vw_lo, vw_hi, vs, vw_lo, vw_hi, vs
     if MOMENTUM:
-        bc_lo, bc_hi = _q8_load(b_addr, start, block, c_all, FULL_ALIGNED)
+        bw_lo, bw_hi = _q8_load(b_addr, start, rows, block, c_all, FULL_ALIGNED)
         bs = tl.load(b_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, mask=r_mask)
     if CENTERED:
-        ac_lo, ac_hi = _q8_load(a_addr, start, block, c_all, FULL_ALIGNED)
+        aw_lo, aw_hi = _q8_load(a_addr, start, rows, block, c_all, FULL_ALIGNED)
         as_ = tl.load(a_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, mask=r_mask)
     p_lo = _load8(p_addr, start, rows * 16, left, P_DTYPE, FULL_ALIGNED)
     p_hi = _load8(p_addr, start, rows * 16 + 8, left - 8, P_DTYPE, FULL_ALIGNED)
     g_lo = _load8(g_addr, start, rows * 16, left, P_DTYPE, FULL_ALIGNED)
     g_hi = _load8(g_addr, start, rows * 16 + 8, left - 8, P_DTYPE, FULL_ALIGNED)
-    v_lo = _q8_decode(vc_lo, vs, False)
-    v_hi = _q8_decode(vc_hi, vs, False)
-    b_lo, b_hi, a_lo, a_hi = v_lo, v_hi, v_lo, v_hi
+    # one half at a time: decode, update (fewer values live)
+    v_lo = _q8_decode(vw_lo, vs, False)
+    b_lo, a_lo = v_lo, v_lo
     if MOMENTUM:
-        b_lo = _q8_decode(bc_lo, bs, True)
-        b_hi = _q8_decode(bc_hi, bs, True)
+        b_lo = _q8_decode(bw_lo, bs, True)
     if CENTERED:
-        a_lo = _q8_decode(ac_lo, as_, True)
-        a_hi = _q8_decode(ac_hi, as_, True)
+        a_lo = _q8_decode(aw_lo, as_, True)
     p_lo, v_lo, b_lo, a_lo = _update_q8(p_lo, g_lo, v_lo, b_lo, a_lo, left, lr, alpha, one_minus_alpha, eps,
                                         weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
                                         FULL_ALIGNED)
+    v_hi = _q8_decode(vw_hi, vs, False)
+    b_hi, a_hi = v_hi, v_hi
+    if MOMENTUM:
+        b_hi = _q8_decode(bw_hi, bs, True)
+    if CENTERED:
+        a_hi = _q8_decode(aw_hi, as_, True)
     p_hi, v_hi, b_hi, a_hi = _update_q8(p_hi, g_hi, v_hi, b_hi, a_hi, left - 8, lr, alpha, one_minus_alpha, eps,
                                         weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
                                         FULL_ALIGNED)
@@ -532,16 +559,6 @@ def _update_chunk_q8(
     base = _hash_base(key, start + rows * 16)
     pre0_lo = _hash_pre(base, 2 * cols.to(tl.uint32))
     pre0_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 16)
-    if SR and tl.float16 == P_DTYPE:  # one test for the chunk's f16 params (kernels/rmsprop.cu: store_out)
-        if _sr_normal(tl.reduce(_min_nan(_sr_key(p_lo), _sr_key(p_hi)), None, _min_nan)):
-            _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
-                        SR, True)
-        else:
-            _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
-                        SR, False)
-    else:
-        _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
-                    SR, False)
     s, inv, keep = _q8_scale(v_lo, v_hi)
     _q8_store(v_addr, start, block, c_all, v_lo, v_hi, inv, keep, pre0_lo, pre0_hi, False, False,
               FULL_ALIGNED)
@@ -561,6 +578,16 @@ def _update_chunk_q8(
                   FULL_ALIGNED)
         tl.store(a_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
 
+    if SR and tl.float16 == P_DTYPE:  # one test for the chunk's f16 params (kernels/rmsprop.cu: store_out)
+        if _sr_normal(tl.reduce(_min_nan(_sr_key(p_lo), _sr_key(p_hi)), None, _min_nan)):
+            _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
+                        SR, True)
+        else:
+            _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
+                        SR, False)
+    else:
+        _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
+                    SR, False)
 
 @triton.jit
 def _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE: tl.constexpr,

@@ -251,7 +251,7 @@ def triton_report(archs=ARCHS, flag_sets=FLAG_SETS) -> list[dict]:
     from triton.backends.compiler import GPUTarget
 
     from rmsprop_gpu.backends.cupy_backend import KernelSpec
-    from rmsprop_gpu.backends.triton_backend import LAUNCH_OPTIONS, NUM_WARPS, constexprs
+    from rmsprop_gpu.backends.triton_backend import NUM_WARPS, constexprs, launch_options
 
     sig = {"tensors": "*i64", "blocks": "*i64", "hyper_ptrs": "*i64", "hyper_vals": "*fp32",
            "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
@@ -268,7 +268,7 @@ def triton_report(archs=ARCHS, flag_sets=FLAG_SETS) -> list[dict]:
                             attrs={(i,): [["tt.divisibility", 16]] for i in pointer_args},
                         )
                         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                                  options={**LAUNCH_OPTIONS, "enable_fp_fusion": True})
+                                                  options={**launch_options(sd, mom, cen), "enable_fp_fusion": True})
                         ptx = compiled.asm["ptx"]
                         path = Path(tmp) / "k.ptx"
                         path.write_text(ptx)
