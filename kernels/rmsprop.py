@@ -509,8 +509,9 @@ def _update_chunk_q8(
     SR: tl.constexpr, FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, ELEMS: tl.constexpr,
 ):
     """ELEMS elements from start with 8-bit state, block r (16 elements) as row r of two [ELEMS / 16, 8] halves:
-    every load first (one memory wave), decode, the float32 update, each block's new scale, encode, store. Padding
-    past numel encodes as 0. Masks (None for a full chunk): elements, codes of whole blocks, scale bytes."""
+    every load first (one memory wave), then per half decode and the float32 update, each block's new scale,
+    encode, store. Padding past numel encodes as 0. Masks (None for a full chunk): elements, codes of whole blocks,
+    scale bytes."""
     ROWS: tl.constexpr = ELEMS // 16
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, 8)
@@ -563,7 +564,7 @@ def _update_chunk_q8(
     _q8_store(v_addr, start, block, c_all, v_lo, v_hi, inv, keep, pre0_lo, pre0_hi, False, False,
               FULL_ALIGNED)
     tl.store(v_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
-    pre1_lo, pre1_hi = pre0_lo, pre0_hi  # (after p and square_avg: fewer values live)
+    pre1_lo, pre1_hi = pre0_lo, pre0_hi  # (after square_avg's codes: fewer values live)
     if MOMENTUM or CENTERED:
         pre1_lo = _hash_pre(base, 2 * cols.to(tl.uint32) + 1)
         pre1_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 17)
@@ -577,7 +578,6 @@ def _update_chunk_q8(
         _q8_store(a_addr, start, block, c_all, a_lo, a_hi, inv, keep, pre1_lo, pre1_hi, True, False,
                   FULL_ALIGNED)
         tl.store(a_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
-
     if SR and tl.float16 == P_DTYPE:  # one test for the chunk's f16 params (kernels/rmsprop.cu: store_out)
         if _sr_normal(tl.reduce(_min_nan(_sr_key(p_lo), _sr_key(p_hi)), None, _min_nan)):
             _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
@@ -588,6 +588,7 @@ def _update_chunk_q8(
     else:
         _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
                     SR, False)
+
 
 @triton.jit
 def _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE: tl.constexpr,
