@@ -205,11 +205,16 @@ def _q8_scale(lo, hi):
 
 
 @triton.jit
-def _q8_words(x, inv, keep, noise, SIGNED: tl.constexpr):
+def _q8_words(x, f, keep, noise, SIGNED: tl.constexpr, ONE_MUL: tl.constexpr):
     """float32 [R, 8] -> codes as little-endian words [R, 2] (4 per word), rounded stochastically: noise is 16
     random bits at the top of the dropped field (r << 3 unsigned, r << 4 signed) with anything below, where the
-    magnitude's bits are cleared first. The NaN-block mask (keep) goes on whole words."""
-    yb = ((x * inv[:, None]) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)
+    magnitude's bits are cleared first. The NaN-block mask (keep) goes on whole words. The codes are read from
+    y = x * 2^(15 - s) rounded once (kernels/rmsprop.cu: q8_code), f = 2^(127 - s) per block: x * f (exact) then
+    * 2^-112, or (ONE_MUL: every block's s <= 164 or 255, _q8_one_mul) x * (f * 2^-112), one multiply per code."""
+    if ONE_MUL:
+        yb = (x * (f * 1.925929944387236e-34)[:, None]).to(tl.uint32, bitcast=True)
+    else:
+        yb = ((x * f[:, None]) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)
     if SIGNED:
         c = tl.minimum(((yb & 0x7FFFFFF0) + noise) >> 20, 127) | ((yb >> 24) & 0x80)
     else:
@@ -265,8 +270,8 @@ def _q8_load(addr, start, rows, block, mask, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _q8_store(addr, start, block, mask, x_lo, x_hi, inv, keep, pre_lo, pre_hi,
-              SIGNED: tl.constexpr, NOISE_LO: tl.constexpr, ALIGNED: tl.constexpr):
+def _q8_store(addr, start, block, mask, x_lo, x_hi, f, keep, pre_lo, pre_hi,
+              SIGNED: tl.constexpr, NOISE_LO: tl.constexpr, ALIGNED: tl.constexpr, ONE_MUL: tl.constexpr):
     SH: tl.constexpr = 4 if SIGNED else 3
     if NOISE_LO:
         n_lo = _noise_lo(pre_lo, SH)
@@ -274,7 +279,8 @@ def _q8_store(addr, start, block, mask, x_lo, x_hi, inv, keep, pre_lo, pre_hi,
     else:
         n_lo = _noise_hi(pre_lo, SH)
         n_hi = _noise_hi(pre_hi, SH)
-    w = tl.join(_q8_words(x_lo, inv, keep, n_lo, SIGNED), _q8_words(x_hi, inv, keep, n_hi, SIGNED))  # [R, 2, 2]
+    w = tl.join(_q8_words(x_lo, f, keep, n_lo, SIGNED, ONE_MUL),
+                _q8_words(x_hi, f, keep, n_hi, SIGNED, ONE_MUL))  # [R, 2, 2]
     w = tl.reshape(tl.permute(w, [0, 2, 1]), [w.shape[0], 4])  # words 0-3 of each block
     if ALIGNED:
         ptr = tl.multiple_of((addr + start).to(tl.pointer_type(tl.uint32)), 16)
@@ -524,14 +530,18 @@ def _update_chunk_q8(
         c_all, r_mask = None, None
     scale_ptr = start // 16 + n16 + rows  # the blocks' scale bytes, after the codes
     vw_lo, vw_hi = _q8_load(v_addr, start, rows, block, c_all, FULL_ALIGNED)
-    vs = tl.load(v_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, mask=r_mask)
+    v_sp = v_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr
+    b_sp, a_sp = v_sp, v_sp
+    vs = tl.load(v_sp, mask=r_mask)
     bw_lo, bw_hi, bs, aw_lo, aw_hi, as_ = vw_lo, vw_hi, vs, vw_lo, vw_hi, vs
     if MOMENTUM:
         bw_lo, bw_hi = _q8_load(b_addr, start, rows, block, c_all, FULL_ALIGNED)
-        bs = tl.load(b_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, mask=r_mask)
+        b_sp = b_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr
+        bs = tl.load(b_sp, mask=r_mask)
     if CENTERED:
         aw_lo, aw_hi = _q8_load(a_addr, start, rows, block, c_all, FULL_ALIGNED)
-        as_ = tl.load(a_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, mask=r_mask)
+        a_sp = a_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr
+        as_ = tl.load(a_sp, mask=r_mask)
     p_lo = _load8(p_addr, start, rows * 16, left, P_DTYPE, FULL_ALIGNED)
     p_hi = _load8(p_addr, start, rows * 16 + 8, left - 8, P_DTYPE, FULL_ALIGNED)
     g_lo = _load8(g_addr, start, rows * 16, left, P_DTYPE, FULL_ALIGNED)
@@ -560,25 +570,68 @@ def _update_chunk_q8(
     base = _hash_base(key, start + rows * 16)
     pre0_lo = _hash_pre(base, 2 * cols.to(tl.uint32))
     pre0_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 16)
-    s, inv, keep = _q8_scale(v_lo, v_hi)
-    _q8_store(v_addr, start, block, c_all, v_lo, v_hi, inv, keep, pre0_lo, pre0_hi, False, False,
-              FULL_ALIGNED)
-    tl.store(v_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
+    sv, fv, kv = _q8_scale(v_lo, v_hi)
+    sb, fb, kb, sa, fa, ka = sv, fv, kv, sv, fv, kv
+    if MOMENTUM:
+        sb, fb, kb = _q8_scale(b_lo, b_hi)
+    if CENTERED:
+        sa, fa, ka = _q8_scale(a_lo, a_hi)
+    # With three states, one test for the chunk (a program-uniform branch; the .cu's is per thread): every block's
+    # codes with one multiply (_q8_one_mul), and with f16 stochastic rounding no p needing its exact path
+    # (_sr_normal, which otherwise has its own test at p's store). The reduction across the program costs about
+    # two instructions per element: worth it for three states' codes, not for one or two (static report).
+    if MOMENTUM and CENTERED:
+        ok = _q8_one_mul(sv) & _q8_one_mul(sb) & _q8_one_mul(sa)
+        key = tl.where(ok, 1.0, 0.0)
+        if SR and tl.float16 == P_DTYPE:
+            key = _min_nan(key, _min_nan(tl.reduce(_sr_key(p_lo), 1, _min_nan), tl.reduce(_sr_key(p_hi), 1, _min_nan)))
+        if _sr_normal(tl.reduce(key, 0, _min_nan)):
+            _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp,
+                            a_sp, left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
+                            sv, fv, kv, sb, fb, kb, sa, fa, ka,
+                            P_DTYPE, MOMENTUM, CENTERED, SR, FULL_ALIGNED, NATIVE_BF16, True, True)
+        else:
+            _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp,
+                            a_sp, left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
+                            sv, fv, kv, sb, fb, kb, sa, fa, ka,
+                            P_DTYPE, MOMENTUM, CENTERED, SR, FULL_ALIGNED, NATIVE_BF16, False, False)
+    else:
+        _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp, a_sp,
+                        left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
+                        sv, fv, kv, sb, fb, kb, sa, fa, ka,
+                        P_DTYPE, MOMENTUM, CENTERED, SR, FULL_ALIGNED, NATIVE_BF16, False, None)
+
+
+@triton.jit
+def _q8_one_mul(s):
+    """Blocks [R] whose codes take one multiply: s <= 164 (2^(15 - s) is a float) or 255 (codes masked)."""
+    return (s - 165).to(tl.uint32) > 89
+
+
+@triton.jit
+def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp, a_sp,
+                    left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
+                    sv, fv, kv, sb, fb, kb, sa, fa, ka,
+                    P_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, SR: tl.constexpr,
+                    FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, ONE_MUL: tl.constexpr,
+                    NORMAL: tl.constexpr):
+    """Every store of an 8-bit chunk: codes and scale bytes of each state (_q8_words: ONE_MUL), then p (_store:
+    NORMAL; None: f16 stochastic rounding tests p here, as the caller did not)."""
+    _q8_store(v_addr, start, block, c_all, v_lo, v_hi, fv, kv, pre0_lo, pre0_hi, False, False, FULL_ALIGNED, ONE_MUL)
+    tl.store(v_sp, sv.to(tl.uint8), mask=r_mask)
     pre1_lo, pre1_hi = pre0_lo, pre0_hi  # (after square_avg's codes: fewer values live)
     if MOMENTUM or CENTERED:
         pre1_lo = _hash_pre(base, 2 * cols.to(tl.uint32) + 1)
         pre1_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 17)
     if MOMENTUM:
-        s, inv, keep = _q8_scale(b_lo, b_hi)
-        _q8_store(b_addr, start, block, c_all, b_lo, b_hi, inv, keep, pre1_lo, pre1_hi, True, True,
-                  FULL_ALIGNED)
-        tl.store(b_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
+        _q8_store(b_addr, start, block, c_all, b_lo, b_hi, fb, kb, pre1_lo, pre1_hi, True, True, FULL_ALIGNED,
+                  ONE_MUL)
+        tl.store(b_sp, sb.to(tl.uint8), mask=r_mask)
     if CENTERED:
-        s, inv, keep = _q8_scale(a_lo, a_hi)
-        _q8_store(a_addr, start, block, c_all, a_lo, a_hi, inv, keep, pre1_lo, pre1_hi, True, False,
-                  FULL_ALIGNED)
-        tl.store(a_addr.to(tl.pointer_type(tl.uint8)) + scale_ptr, s.to(tl.uint8), mask=r_mask)
-    if SR and tl.float16 == P_DTYPE:  # one test for the chunk's f16 params (kernels/rmsprop.cu: store_out)
+        _q8_store(a_addr, start, block, c_all, a_lo, a_hi, fa, ka, pre1_lo, pre1_hi, True, False, FULL_ALIGNED,
+                  ONE_MUL)
+        tl.store(a_sp, sa.to(tl.uint8), mask=r_mask)
+    if NORMAL is None and SR and tl.float16 == P_DTYPE:  # the caller left f16's test to here: p's own
         if _sr_normal(tl.reduce(_min_nan(_sr_key(p_lo), _sr_key(p_hi)), None, _min_nan)):
             _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
                         SR, True)
@@ -587,7 +640,7 @@ def _update_chunk_q8(
                         SR, False)
     else:
         _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
-                    SR, False)
+                    SR, NORMAL is not None and NORMAL)
 
 
 @triton.jit
