@@ -581,11 +581,10 @@ def _update_chunk_q8(
     # (_sr_normal, which otherwise has its own test at p's store). The reduction across the program costs about
     # two instructions per element: worth it for three states' codes, not for one or two (static report).
     if MOMENTUM and CENTERED:
-        ok = _q8_one_mul(sv) & _q8_one_mul(sb) & _q8_one_mul(sa)
-        key = tl.where(ok, 1.0, 0.0)
+        ok = tl.where(_q8_one_mul(sv) & _q8_one_mul(sb) & _q8_one_mul(sa), 1.0, 0.0)  # per block, as an _sr_key
         if SR and tl.float16 == P_DTYPE:
-            key = _min_nan(key, _min_nan(tl.reduce(_sr_key(p_lo), 1, _min_nan), tl.reduce(_sr_key(p_hi), 1, _min_nan)))
-        if _sr_normal(tl.reduce(key, 0, _min_nan)):
+            ok = _min_nan(ok, _min_nan(tl.reduce(_sr_key(p_lo), 1, _min_nan), tl.reduce(_sr_key(p_hi), 1, _min_nan)))
+        if _sr_normal(tl.reduce(ok, 0, _min_nan)):
             _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp,
                             a_sp, left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
                             sv, fv, kv, sb, fb, kb, sa, fa, ka,
