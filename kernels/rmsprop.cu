@@ -29,8 +29,6 @@ typedef unsigned short u16;
 
 struct f16 { u16 bits; };
 struct bf16 { u16 bits; };
-template <typename T> struct is_f16 { static constexpr bool value = false; };
-template <> struct is_f16<f16> { static constexpr bool value = true; };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(bf16 x) { return __uint_as_float(((u32)x.bits) << 16); }
@@ -217,57 +215,71 @@ template <> __device__ __forceinline__ f16 from_float_sr<f16>(float x, u32 r16) 
   const u32 y = mag >= 0x7F800000u ? bits : (e >= 103u ? big : tiny);  // inf, NaN as they are (cvt keeps them)
   return from_float<f16>(__uint_as_float(y));
 }
-// The same for |x| >= 2^-14 (f16's normal range), inf or 0: 13 dropped bits, 13 random ones (r16 >> 3) on top.
-// Not for NaN (its payload could carry into the sign) nor for 0 < |x| < 2^-14: f16_sr_general says which.
-__device__ __forceinline__ f16 from_float_sr_normal(float x, u32 r16) {
-  return from_float<f16>(__uint_as_float(((__float_as_uint(x) + (r16 >> 3)) >> 13) << 13));
+// The short paths, for the values that need nothing else (whole 128-bit stores take them when all their values
+// do; from_float_sr otherwise), two values to a packed word (lo in bits 0-15):
+// - bf16, for all but NaN: the top 16 bits of bits + r16 (prmt takes both in one instruction).
+// - f16, for 2^-14 <= |x| < 65504 (its normal range below the largest finite value; NaN is not): the 13 dropped
+//   bits take the top 13 random bits (r16 >> 3) and are truncated, which cvt.rz does for two values in one
+//   instruction (below 65504 nothing rounds up to inf).
+template <typename T> __device__ __forceinline__ bool sr_short(float x);
+template <> __device__ __forceinline__ bool sr_short<bf16>(float x) { return x == x; }
+template <> __device__ __forceinline__ bool sr_short<f16>(float x) { return fabsf(x) >= 0x1p-14f && fabsf(x) < 65504.0f; }
+template <typename T> __device__ __forceinline__ u32 sr_short_pair(float lo, float hi, u32 r16_lo, u32 r16_hi);
+template <> __device__ __forceinline__ u32 sr_short_pair<bf16>(float lo, float hi, u32 r16_lo, u32 r16_hi) {
+  return prmt(__float_as_uint(lo) + r16_lo, __float_as_uint(hi) + r16_hi, 0x7632u);
 }
-__device__ __forceinline__ bool f16_sr_general(float x) {
-  const u32 mag = __float_as_uint(x) & 0x7FFFFFFFu;
-  return mag - 1u < 0x387FFFFFu || mag > 0x7F800000u;  // 0 < |x| < 2^-14, or NaN
+template <> __device__ __forceinline__ u32 sr_short_pair<f16>(float lo, float hi, u32 r16_lo, u32 r16_hi) {
+  const float a = __uint_as_float(__float_as_uint(lo) + (r16_lo >> 3));
+  const float b = __uint_as_float(__float_as_uint(hi) + (r16_hi >> 3));
+#ifdef __CUDA_ARCH__
+  u32 w;
+  asm("cvt.rz.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(b), "f"(a));  // the first source goes to the high half
+  return w;
+#else  // cvt.rz by hand: truncated, then exact, and past the largest finite value that value
+  const auto rz = [](float y) {
+    const float t = __uint_as_float((__float_as_uint(y) >> 13) << 13);
+    return from_float<f16>(fabsf(t) > 65504.0f ? copysignf(65504.0f, t) : t).bits;
+  };
+  return (u32)rz(a) | ((u32)rz(b) << 16);
+#endif
 }
 template <typename T>
-__device__ __forceinline__ T store_value(float x, bool sr, u32 h, int shift) {
-  return sr ? from_float_sr<T>(x, (h >> shift) & 0xFFFFu) : from_float<T>(x);
+__device__ __forceinline__ T store_value(float x, bool sr, u32 r16) {
+  return sr ? from_float_sr<T>(x, r16) : from_float<T>(x);
 }
-template <> __device__ __forceinline__ float store_value<float>(float x, bool, u32, int) { return x; }
-template <int N>
-__device__ __forceinline__ void store_out(float* ptr, const float (&in)[N], bool, const u32 (&)[N], int) {
+template <> __device__ __forceinline__ float store_value<float>(float x, bool, u32) { return x; }
+// N values in 128-bit stores; with sr, 16-bit ones rounded with random bits r16(e) for element e (16 bits each)
+template <int N, typename Bits>
+__device__ __forceinline__ void store_out(float* ptr, const float (&in)[N], bool, Bits) {
   store_vec(ptr, in);  // float32 stores are exact: nothing to round
 }
-// N 16-bit values in 128-bit stores, each rounded by round(x, its 16 random bits)
-template <typename T, int N, typename Round>
-__device__ __forceinline__ void store_rounded(T* ptr, const float (&in)[N], const u32 (&h)[N], int shift, Round round) {
+// word(e): elements e and e + 1 packed
+template <typename T, int N, typename Word>
+__device__ __forceinline__ void store_words(T* ptr, Word word) {
 #pragma unroll
   for (int k = 0; k < N / Packet<T>::N; ++k) {
-    u32 w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int e = k * Packet<T>::N + 2 * j;
-      w[j] = (u32)round(in[e], (h[e] >> shift) & 0xFFFFu).bits |
-             ((u32)round(in[e + 1], (h[e + 1] >> shift) & 0xFFFFu).bits << 16);
-    }
     uint4 r;
-    r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
+    const int e = k * Packet<T>::N;
+    r.x = word(e); r.y = word(e + 2); r.z = word(e + 4); r.w = word(e + 6);
     store_global_128(ptr + k * Packet<T>::N, r);
   }
 }
-template <typename T, int N>  // 16-bit T
-__device__ __forceinline__ void store_out(T* ptr, const float (&in)[N], bool sr, const u32 (&h)[N], int shift) {
+template <typename T, int N, typename Bits>  // 16-bit T
+__device__ __forceinline__ void store_out(T* ptr, const float (&in)[N], bool sr, Bits r16) {
   if (!sr) {
     store_vec(ptr, in);
     return;
   }
-  if (is_f16<T>::value) {  // f16's exact path below its normal range behind one test for the thread's N values
-    bool general = false;
+  bool short_path = true;  // one test and branch for the thread's N values
 #pragma unroll
-    for (int e = 0; e < N; ++e) general |= f16_sr_general(in[e]);
-    if (!general) {
-      store_rounded(ptr, in, h, shift, [](float x, u32 r16) { return from_float_sr_normal(x, r16); });
-      return;
-    }
+  for (int e = 0; e < N; ++e) short_path &= sr_short<T>(in[e]);
+  if (short_path) {
+    store_words<T, N>(ptr, [&](int e) { return sr_short_pair<T>(in[e], in[e + 1], r16(e), r16(e + 1)); });
+    return;
   }
-  store_rounded(ptr, in, h, shift, [](float x, u32 r16) { return from_float_sr<T>(x, r16); });
+  store_words<T, N>(ptr, [&](int e) {
+    return (u32)from_float_sr<T>(in[e], r16(e)).bits | ((u32)from_float_sr<T>(in[e + 1], r16(e + 1)).bits << 16);
+  });
 }
 
 // 8-bit blockwise state (rmsprop_gpu/quantize.py has the format and the same codec in torch): one uint8 tensor
@@ -576,16 +588,12 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
     q8_store_all<MOMENTUM, CENTERED, FULL, true>(v, b, a, n16, i, root, bv, av, sv, sb, sa, pre1, pre0);
   else
     q8_store_all<MOMENTUM, CENTERED, FULL, false>(v, b, a, n16, i, root, bv, av, sv, sb, sa, pre1, pre0);
-  if (FULL && sr) {
-#pragma unroll
-    for (int k = 0; k < 16; ++k) pre0[k] = lo16(pre0[k]);  // store_out takes its bits at shift 0
-    store_out(p + i, pv, sr, pre0, 0);
-  } else if (FULL) {
-    store_vec(p + i, pv);
+  if (FULL) {
+    store_out(p + i, pv, sr, [&](int k) { return lo16(pre0[k]); });
   } else {
 #pragma unroll
     for (int k = 0; k < 16; ++k)
-      if (i + k < numel) p[i + k] = store_value<P>(pv[k], sr, lo16(pre0[k]), 0);
+      if (i + k < numel) p[i + k] = store_value<P>(pv[k], sr, lo16(pre0[k]));
   }
 }
 
@@ -670,10 +678,10 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
         h0[k] = sr ? hg.hash(2u * k) : 0u;
         h1[k] = sr ? hg.hash(2u * k + 1u) : 0u;
       }
-      store_out(p + i, pv[it], sr, h0, 0);
-      store_out(v + i, vv[it], sr, h0, 16);
-      if (MOMENTUM) store_out(b + i, bv[it], sr, h1, 0);
-      if (CENTERED) store_out(a + i, av[it], sr, h1, 16);
+      store_out(p + i, pv[it], sr, [&](int k) { return h0[k] & 0xFFFFu; });
+      store_out(v + i, vv[it], sr, [&](int k) { return h0[k] >> 16; });
+      if (MOMENTUM) store_out(b + i, bv[it], sr, [&](int k) { return h1[k] & 0xFFFFu; });
+      if (CENTERED) store_out(a + i, av[it], sr, [&](int k) { return h1[k] >> 16; });
     }
   } else {
     const i64 end = start + RMSPROP_BLOCK < numel ? start + RMSPROP_BLOCK : numel;
@@ -683,10 +691,10 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
       float ai = CENTERED ? to_float(a[i]) : 0.0f;
       update<MOMENTUM, CENTERED>(pi, to_float(g[i]), vi, bi, ai, h);
       const u32 h0 = sr ? pair_bits(key, i, 0u) : 0u, h1 = sr ? pair_bits(key, i, 1u) : 0u;
-      p[i] = store_value<P>(pi, sr, h0, 0);
-      v[i] = store_value<S>(vi, sr, h0, 16);
-      if (MOMENTUM) b[i] = store_value<S>(bi, sr, h1, 0);
-      if (CENTERED) a[i] = store_value<S>(ai, sr, h1, 16);
+      p[i] = store_value<P>(pi, sr, h0 & 0xFFFFu);
+      v[i] = store_value<S>(vi, sr, h0 >> 16);
+      if (MOMENTUM) b[i] = store_value<S>(bi, sr, h1 & 0xFFFFu);
+      if (CENTERED) a[i] = store_value<S>(ai, sr, h1 >> 16);
     }
   }
   }

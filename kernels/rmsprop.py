@@ -65,6 +65,38 @@ def _interpreter_fma_rounds_twice() -> bool:
 _FMA_IN_FLOAT64: tl.constexpr = tl.constexpr(_interpreter_fma_rounds_twice())
 
 
+_INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def _sqrt8_asm() -> str:
+    """PTX for sqrt.rn of a thread's 8 values ($8..$15 -> $0..$7, as bits) with one range test and branch: for x
+    in [2^-101, the largest float] the fast path ptxas emits for each sqrt.rn.f32 (kernels/rmsprop.cu:
+    sqrt_rn_fast, sqrt_rn_all), else sqrt.rn for all 8."""
+    test = "sub.u32 m, $8, 0x0D000000;\n" + "".join(
+        f"sub.u32 u, ${8 + k}, 0x0D000000;\nmax.u32 m, m, u;\n" for k in range(1, 8))
+    fast = "".join(
+        f"rsqrt.approx.ftz.f32 r, ${8 + k};\nmul.f32 s, ${8 + k}, r;\nmul.f32 h, r, 0f3F000000;\nneg.f32 e, s;\n"
+        f"fma.rn.f32 e, e, s, ${8 + k};\nfma.rn.f32 ${k}, e, h, s;\n" for k in range(8))
+    slow = "".join(f"sqrt.rn.f32 ${k}, ${8 + k};\n" for k in range(8))
+    return ("{\n.reg .pred slow;\n.reg .b32 m, u, r, s, h, e;\n" + test + "setp.gt.u32 slow, m, 0x727FFFFF;\n"
+            "@slow bra SQRT_SLOW_${:uid};\n" + fast + "bra.uni SQRT_DONE_${:uid};\nSQRT_SLOW_${:uid}:\n" + slow
+            + "SQRT_DONE_${:uid}:\n}")
+
+
+_SQRT8_ASM: tl.constexpr = tl.constexpr(_sqrt8_asm())
+
+
+@triton.jit
+def _sqrt(x, BY8: tl.constexpr):
+    """sqrt.rn of float32 x; BY8 (x's layout gives each thread a multiple of 8 values, as the 8-bit chunk's do):
+    one range test and branch per 8 of them (_sqrt8_asm) in compiled code; the interpreter takes sqrt_rn."""
+    if BY8 and not _INTERPRETED:
+        return tl.inline_asm_elementwise(_SQRT8_ASM, "=&r," * 8 + "r," * 7 + "r", [x.to(tl.uint32, bitcast=True)],
+                                         dtype=tl.uint32, is_pure=True, pack=8).to(tl.float32, bitcast=True)
+    else:
+        return tl.sqrt_rn(x)
+
+
 @triton.jit
 def _fma(a, b, c):
     if _FMA_IN_FLOAT64:
@@ -122,6 +154,13 @@ def _sr_key(x):
     |x| >= 2^-14 (nothing below f16's normal range to round, nothing NaN; kernels/rmsprop.cu: f16_sr_general).
     Keys reduce by their minimum (NaN wins), so one test covers a tile."""
     return tl.where(x == 0.0, 1.0, tl.abs(x))
+
+
+@triton.jit
+def _sr_key_p(x):
+    """_sr_key for an 8-bit chunk's params: |x| alone (the minimum takes it as an operand modifier), so 0 takes
+    the exact path too: a param sits at 0 rarely (the float tiles' states do for long: _sr_key keeps 0 short)."""
+    return tl.abs(x)
 
 
 @triton.jit
@@ -321,10 +360,11 @@ def _update(
     p, g, v, buf, ga,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
     MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr,
-    CLAMP_VAR: tl.constexpr = False,
+    Q8: tl.constexpr = False, SQRT_BY8: tl.constexpr = False,
 ):
     """The update of one tile in float32: returns the new p, v, buf, ga (buf/ga unchanged when not used).
-    CLAMP_VAR: 8-bit state, whose v and grad_avg can cross (v - ga^2 < 0): clamped at 0."""
+    Q8: 8-bit state, whose v and grad_avg can cross (v - ga^2 < 0): clamped at 0.
+    SQRT_BY8: roots 8 at a time (_sqrt; the caller's layout allows it)."""
     if GRAD_SCALE & FLAGS:
         g = tl.div_rn(g, grad_scale)  # exactly torch's unscale
     if MAXIMIZE & FLAGS:  # per slot: sign is -1 for maximize, +1 otherwise (exact either way)
@@ -342,17 +382,17 @@ def _update(
         avg = ga
         if BIAS_CORRECTION & FLAGS:
             avg = ga * inv_bc
-        if (BIAS_CORRECTION & FLAGS) or CLAMP_VAR:  # optax's subtraction (clamped below); 8-bit: inf is a NaN
+        if (BIAS_CORRECTION & FLAGS) or Q8:  # optax's subtraction (clamped below); 8-bit: inf is a NaN
             # block anyway
             var = var - avg * avg
         else:  # torch's addcmul(value=-1) is an FMA: v = inf stays inf though avg^2 overflows
             var = _fma(-avg, avg, var)
-        if (BIAS_CORRECTION & FLAGS) or CLAMP_VAR:  # negative by rounding at step 1 (optax: NaN), or by quantization
+        if (BIAS_CORRECTION & FLAGS) or Q8:  # negative by rounding at step 1 (optax: NaN), or by quantization
             var = tl.where(var < 0.0, 0.0, var)
     if EPS_IN_SQRT & FLAGS:
-        denom = tl.sqrt_rn(var + eps)
+        denom = _sqrt(var + eps, SQRT_BY8)
     else:
-        denom = tl.sqrt_rn(var) + eps
+        denom = _sqrt(var, SQRT_BY8) + eps
     if MOMENTUM:
         if RAW_GRAD_MOMENTUM & FLAGS:  # fastai: a momentum of raw grads, divided after
             buf = momentum * buf + g
@@ -546,7 +586,9 @@ def _update_chunk_q8(
     p_hi = _load8(p_addr, start, rows * 16 + 8, left - 8, P_DTYPE, FULL_ALIGNED)
     g_lo = _load8(g_addr, start, rows * 16, left, P_DTYPE, FULL_ALIGNED)
     g_hi = _load8(g_addr, start, rows * 16 + 8, left - 8, P_DTYPE, FULL_ALIGNED)
-    # one half at a time: decode, update (fewer values live)
+    # one half at a time: decode, update (fewer values live). The roots 8 at a time with 16-bit params (with
+    # float32 params, within the budget either way, ptxas then spills in the centered variant)
+    SQRT_BY8: tl.constexpr = tl.float32 != P_DTYPE
     v_lo = _q8_decode(vw_lo, vs, False)
     b_lo, a_lo = v_lo, v_lo
     if MOMENTUM:
@@ -555,7 +597,7 @@ def _update_chunk_q8(
         a_lo = _q8_decode(aw_lo, as_, True)
     p_lo, v_lo, b_lo, a_lo = _update_q8(p_lo, g_lo, v_lo, b_lo, a_lo, left, lr, alpha, one_minus_alpha, eps,
                                         weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
-                                        FULL_ALIGNED)
+                                        FULL_ALIGNED, SQRT_BY8)
     v_hi = _q8_decode(vw_hi, vs, False)
     b_hi, a_hi = v_hi, v_hi
     if MOMENTUM:
@@ -564,7 +606,7 @@ def _update_chunk_q8(
         a_hi = _q8_decode(aw_hi, as_, True)
     p_hi, v_hi, b_hi, a_hi = _update_q8(p_hi, g_hi, v_hi, b_hi, a_hi, left - 8, lr, alpha, one_minus_alpha, eps,
                                         weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
-                                        FULL_ALIGNED)
+                                        FULL_ALIGNED, SQRT_BY8)
     # random bits (kernels/rmsprop.cu: q8_chunk): pair 0 for p (low half, with SR) and square_avg's codes (high),
     # pair 1 for momentum_buffer (low) and grad_avg (high)
     base = _hash_base(key, start + rows * 16)
@@ -583,7 +625,8 @@ def _update_chunk_q8(
     if MOMENTUM and CENTERED:
         ok = tl.where(_q8_one_mul(sv) & _q8_one_mul(sb) & _q8_one_mul(sa), 1.0, 0.0)  # per block, as an _sr_key
         if SR and tl.float16 == P_DTYPE:
-            ok = _min_nan(ok, _min_nan(tl.reduce(_sr_key(p_lo), 1, _min_nan), tl.reduce(_sr_key(p_hi), 1, _min_nan)))
+            ok = _min_nan(ok, _min_nan(tl.reduce(_sr_key_p(p_lo), 1, _min_nan),
+                                       tl.reduce(_sr_key_p(p_hi), 1, _min_nan)))
         if _sr_normal(tl.reduce(ok, 0, _min_nan)):
             _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp,
                             a_sp, left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
@@ -631,7 +674,7 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_
                   ONE_MUL)
         tl.store(a_sp, sa.to(tl.uint8), mask=r_mask)
     if NORMAL is None and SR and tl.float16 == P_DTYPE:  # the caller left f16's test to here: p's own
-        if _sr_normal(tl.reduce(_min_nan(_sr_key(p_lo), _sr_key(p_hi)), None, _min_nan)):
+        if _sr_normal(tl.reduce(_min_nan(_sr_key_p(p_lo), _sr_key_p(p_hi)), None, _min_nan)):
             _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
                         SR, True)
         else:
@@ -655,14 +698,16 @@ def _update_q8(
     p, g, v, b, a, left,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
     MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr, FULL_ALIGNED: tl.constexpr,
+    SQRT_BY8: tl.constexpr,
 ):
     """One half's update from decoded 8-bit state: returns p, sqrt of the variance (what square_avg stores; centered
-    sqrt(v - ga^2): its quantization error is relative to the variance, kernels/rmsprop.cu: q8_chunk), buf, ga."""
+    sqrt(v - ga^2): its quantization error is relative to the variance, kernels/rmsprop.cu: q8_chunk), buf, ga.
+    SQRT_BY8: the roots 8 at a time (_sqrt)."""
     v = v * v
     if CENTERED:
         v = v + a * a
     p, v, b, a = _update(p, g, v, b, a, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
-                         grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS, True)
+                         grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS, True, SQRT_BY8)
     if CENTERED:
         v = v - a * a
         v = tl.where(v < 0.0, 0.0, v)
@@ -671,7 +716,7 @@ def _update_q8(
         v = tl.where(real, v, 0.0)
         b = tl.where(real, b, 0.0)
         a = tl.where(real, a, 0.0)
-    return p, tl.sqrt_rn(v), b, a
+    return p, _sqrt(v, SQRT_BY8), b, a  # the same value as the update's root: computed once
 
 
 @triton.jit

@@ -53,7 +53,8 @@ def reference_round(x32: np.ndarray, dtype: str, seed: int, step: int, row: int,
             noise = (u[i] << 16) >> (32 - drop)
             up = dropped + noise >= 2**drop
         out[i] = np.copysign(lower + quantum * up, x)
-    return out
+    largest = float(torch.finfo(DTYPES[dtype]).max)
+    return np.where(np.abs(out) > largest, np.copysign(np.inf, out), out)  # past the largest finite: inf
 
 
 # ---------------------------------------------------------------- helpers
@@ -125,6 +126,38 @@ def test_every_binade_rounds_as_specified(backend, dtype):
     if dtype == "float16":
         tiny, sub = np.abs(b_new) < 2.0**-24, np.abs(b_new) < 2.0**-14
         assert tiny.sum() > 50 and (sub & ~tiny).sum() > 50  # both of f16's paths below its normal range
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_values_at_the_largest_finite_round_up_to_inf_as_specified(backend, dtype):
+    """At the top of the range a value rounds up to inf with the probability of any other rounding up (the kernels'
+    short paths stop below the largest finite value: f16's truncates with cvt.rz, which never reaches inf).
+    Chunk 0: buffers and params well inside the range; chunk 1: buffers within 1.5 spacings above the largest
+    finite value M; chunk 2 (and an unaligned tail): params there."""
+    rng = np.random.default_rng(8)
+    dt = DTYPES[dtype]
+    largest = float(torch.finfo(dt).max)
+    spacing = largest - float(torch.tensor(largest, dtype=dt).nextafter(torch.tensor(0.0, dtype=dt)))
+    n = 3 * 2048 + 5
+    sign = rng.choice([-1.0, 1.0], n)
+    b0, g0 = np.zeros(n), np.zeros(n)
+    b0[:2048], g0[:2048] = rng.uniform(0, largest, 2048), largest / 4  # buffers in [M / 4, 3 M / 4)
+    b0[2048:4096], g0[2048:4096] = rng.uniform(0, 3 * spacing, 2048), largest  # [M, M + 1.5 spacings)
+    g0[4096:] = -rng.uniform(0, 96 * spacing, n - 4096)  # params: M + [0, 1.5 spacings) below
+    p0 = rng.standard_normal(n) * 64
+    p0[4096:] = largest
+    p, g, buf = (torch.from_numpy(sign * x).to(dt) for x in (p0, g0, b0))
+    p1, v1, buf1, _ = run(backend, (p, g, torch.ones(n, dtype=dt), buf), step=3, momentum=0.5)
+    p_, g_, b_ = (t.double().numpy() for t in (p, g, buf))
+    with np.errstate(over="ignore"):
+        b_new = (0.5 * b_ + g_).astype(np.float32)  # v = 1: d = 1; exact in float64, then the float32 rounding
+        p_new = (p_ - 2**-6 * b_new.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(buf1.double().numpy(), reference_round(b_new, dtype, 123, 3, 0, 2))
+    np.testing.assert_array_equal(p1.double().numpy(), reference_round(p_new, dtype, 123, 3, 0, 0))
+    for x, where in ((buf1, slice(2048, 4096)), (p1, slice(4096, n))):  # both ways at the top
+        top = x.double().numpy()[where]
+        assert (np.isinf(top).mean() > 0.2) and (np.abs(top) == largest).mean() > 0.2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
