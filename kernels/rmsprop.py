@@ -618,11 +618,12 @@ def _update_chunk_q8(
         sb, fb, kb = _q8_scale(b_lo, b_hi)
     if CENTERED:
         sa, fa, ka = _q8_scale(a_lo, a_hi)
-    # With three states, one test for the chunk (a program-uniform branch; the .cu's is per thread): every block's
-    # codes with one multiply (_q8_one_mul), and with f16 stochastic rounding no p needing its exact path
-    # (_sr_normal, which otherwise has its own test at p's store). The reduction across the program costs about
-    # two instructions per element: worth it for three states' codes, not for one or two (static report).
-    if MOMENTUM and CENTERED:
+    # With three states, or f16 stochastic rounding, one test for the chunk (a program-uniform branch; the .cu's is
+    # per thread): every block's codes with one multiply (_q8_one_mul), and with f16 stochastic rounding no p
+    # needing its exact path (_sr_normal, which otherwise has its own test at p's store). The reduction across the
+    # program costs about two instructions per element: worth it for three states' codes, or where p's test needs
+    # it anyway; not for one or two states alone (static report).
+    if (MOMENTUM and CENTERED) or (SR and tl.float16 == P_DTYPE):
         ok = tl.where(_q8_one_mul(sv) & _q8_one_mul(sb) & _q8_one_mul(sa), 1.0, 0.0)  # per block, as an _sr_key
         if SR and tl.float16 == P_DTYPE:
             ok = _min_nan(ok, _min_nan(tl.reduce(_sr_key_p(p_lo), 1, _min_nan),
