@@ -620,9 +620,9 @@ def _update_chunk_q8(
         sa, fa, ka = _q8_scale(a_lo, a_hi)
     # With three states, or f16 stochastic rounding, one test for the chunk (a program-uniform branch; the .cu's is
     # per thread): every block's codes with one multiply (_q8_one_mul), and with f16 stochastic rounding no p
-    # needing its exact path (_sr_normal, which otherwise has its own test at p's store). The reduction across the
-    # program costs about two instructions per element: worth it for three states' codes, or where p's test needs
-    # it anyway; not for one or two states alone (static report).
+    # needing its exact path (_sr_normal). The reduction across the program costs about two instructions per
+    # element: worth it for three states' codes, or where p's test needs it anyway; not for one or two states
+    # alone (static report).
     if (MOMENTUM and CENTERED) or (SR and tl.float16 == P_DTYPE):
         ok = tl.where(_q8_one_mul(sv) & _q8_one_mul(sb) & _q8_one_mul(sa), 1.0, 0.0)  # per block, as an _sr_key
         if SR and tl.float16 == P_DTYPE:
@@ -642,7 +642,7 @@ def _update_chunk_q8(
         _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp, a_sp,
                         left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
                         sv, fv, kv, sb, fb, kb, sa, fa, ka,
-                        P_DTYPE, MOMENTUM, CENTERED, SR, FULL_ALIGNED, NATIVE_BF16, False, None)
+                        P_DTYPE, MOMENTUM, CENTERED, SR, FULL_ALIGNED, NATIVE_BF16, False, False)
 
 
 @triton.jit
@@ -659,7 +659,7 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_
                     FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, ONE_MUL: tl.constexpr,
                     NORMAL: tl.constexpr):
     """Every store of an 8-bit chunk: codes and scale bytes of each state (_q8_words: ONE_MUL), then p (_store:
-    NORMAL; None: f16 stochastic rounding tests p here, as the caller did not)."""
+    NORMAL, f16 stochastic rounding's short path, which the caller's test chose)."""
     _q8_store(v_addr, start, block, c_all, v_lo, v_hi, fv, kv, pre0_lo, pre0_hi, False, False, FULL_ALIGNED, ONE_MUL)
     tl.store(v_sp, sv.to(tl.uint8), mask=r_mask)
     pre1_lo, pre1_hi = pre0_lo, pre0_hi  # (after square_avg's codes: fewer values live)
@@ -674,16 +674,8 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_
         _q8_store(a_addr, start, block, c_all, a_lo, a_hi, fa, ka, pre1_lo, pre1_hi, True, False, FULL_ALIGNED,
                   ONE_MUL)
         tl.store(a_sp, sa.to(tl.uint8), mask=r_mask)
-    if NORMAL is None and SR and tl.float16 == P_DTYPE:  # the caller left f16's test to here: p's own
-        if _sr_normal(tl.reduce(_min_nan(_sr_key_p(p_lo), _sr_key_p(p_hi)), None, _min_nan)):
-            _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
-                        SR, True)
-        else:
-            _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
-                        SR, False)
-    else:
-        _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16,
-                    SR, NORMAL is not None and NORMAL)
+    _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR,
+                NORMAL)
 
 
 @triton.jit
