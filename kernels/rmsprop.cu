@@ -293,15 +293,18 @@ template <> struct is_q8<q8> { static constexpr bool value = true; };
 #define Q8_TWO_M112 1.925929944387236e-34f  // 2^-112
 
 __device__ __forceinline__ float q8_scale(u32 s) { return __uint_as_float(s << 23); }  // 2^(s-127); 0; inf
-// Codes to float, two at a time: a code's bits placed as a half's (E4M4 unsigned: exponent and mantissa at bits
-// 13..6; E4M3 signed: sign at 15, the rest at 13..7) are the code's value * 2^112 exactly, subnormal codes
-// included, and the half -> float conversion is one instruction.
-template <bool SIGNED> __device__ __forceinline__ void q8_decode_pair(u32 t, float scale, float& lo, float& hi) {
-  // t: code 0 in bits 0..7, code 1 in bits 16..23
-  const u32 h2 = SIGNED ? ((t & 0x007F007Fu) << 7) | ((t & 0x00800080u) << 8) : t << 6;
-  half2_to_float2(h2, lo, hi);
-  lo *= scale;
-  hi *= scale;
+// Codes to float: a code's bits placed as a half's (E4M4 unsigned: exponent and mantissa at bits 13..6; E4M3
+// signed: sign at 15, the rest at 13..7) are the code's value * 2^112 exactly, subnormal codes included, and the
+// half -> float conversion is one instruction. Two codes per 32-bit operation: codes 0 and 2 of a word (bytes 0
+// and 2) move into the halves of one register, codes 1 and 3 into another (7 operations per signed word, 4
+// unsigned; the same in kernels/rmsprop.py: _q8_decode).
+template <bool SIGNED> __device__ __forceinline__ void q8_decode_word(u32 w, float scale, float* out) {  // out[0..3]
+  const u32 even = SIGNED ? ((w << 8) & 0x80008000u) | ((w << 7) & 0x3F803F80u) : (w << 6) & 0x3FC03FC0u;
+  const u32 odd = SIGNED ? (w & 0x80008000u) | ((w >> 1) & 0x3F803F80u) : (w >> 2) & 0x3FC03FC0u;
+  half2_to_float2(even, out[0], out[2]);
+  half2_to_float2(odd, out[1], out[3]);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) out[k] *= scale;
 }
 // |a| vs |b|, the larger; NaN if either is NaN (so a block holding NaN gets the NaN scale)
 __device__ __forceinline__ float absmax_nan(float a, float b) {
@@ -311,6 +314,17 @@ __device__ __forceinline__ float absmax_nan(float a, float b) {
   return r;
 #else
   return (a != a || b != b) ? __uint_as_float(0x7FFFFFFFu) : fmaxf(fabsf(a), fabsf(b));
+#endif
+}
+// max(x, 0) with NaN kept, one instruction (FSETP + FSEL as `x < 0 ? 0 : x`). -0 may come out +0 or -0: every
+// use (a root, a denominator root + eps or var + eps, a code) gives the same bits for either.
+__device__ __forceinline__ float clamp0_nan(float x) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("max.NaN.f32 %0, %1, 0f00000000;" : "=f"(r) : "f"(x));
+  return r;
+#else
+  return x < 0.0f ? 0.0f : x;
 #endif
 }
 // The block's scale exponent from its values: the largest magnitude (for floats >= 0, the order of their bits;
@@ -374,10 +388,7 @@ template <bool FULL> __device__ __forceinline__ Q8Raw q8_load(const unsigned cha
 template <bool SIGNED> __device__ __forceinline__ void q8_decode_block(const Q8Raw& r, float (&out)[16]) {
   const float scale = q8_scale(r.s);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    q8_decode_pair<SIGNED>(prmt(r.w[j], 0u, 0x4140u), scale, out[4 * j], out[4 * j + 1]);
-    q8_decode_pair<SIGNED>(prmt(r.w[j], 0u, 0x4342u), scale, out[4 * j + 2], out[4 * j + 3]);
-  }
+  for (int j = 0; j < 4; ++j) q8_decode_word<SIGNED>(r.w[j], scale, out + 4 * j);
 }
 // A code is read from y = x * 2^(15 - s) rounded once (|x| * 2^(127 - s) < 2 is exact unless it underflows, and
 // then y rounds to 0 either way). For s <= 164 2^(15 - s) is a float (subnormal from s = 142): one multiply
@@ -432,7 +443,7 @@ __device__ __forceinline__ float update_var(float& p, float& g, float& v, float&
     // below); 8-bit: an infinite average is a NaN block anyway
     var = (bias || CLAMP_VAR) ? var - avg * avg : fmaf(-avg, avg, var);
     // rounding at step 1 (optax then gives NaN), or 8-bit v and grad_avg crossing; NaN stays NaN
-    if ((bias || CLAMP_VAR) && var < 0.0f) var = 0.0f;
+    if (bias || CLAMP_VAR) var = clamp0_nan(var);
   }
   return (h.flags & EPS_IN_SQRT) ? var + h.eps : var;
 }
@@ -561,11 +572,7 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
       vv[k] = vv[k] * vv[k];
       if (CENTERED) vv[k] = vv[k] + av[k] * av[k];
       x[j] = update_var<CENTERED, true>(pv[k], gv[k], vv[k], av[k], h);
-      kept[j] = vv[k];
-      if (CENTERED) {
-        kept[j] = vv[k] - av[k] * av[k];
-        if (kept[j] < 0.0f) kept[j] = 0.0f;
-      }
+      kept[j] = CENTERED ? clamp0_nan(vv[k] - av[k] * av[k]) : vv[k];
     }
     sqrt_rn_all<SQRT_GROUP>(x, sx);
     if (same_root) {

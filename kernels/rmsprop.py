@@ -180,7 +180,7 @@ def _to_storage_sr(x, DTYPE: tl.constexpr, r16, NORMAL: tl.constexpr):
     caller knows no value needs the exact path below f16's normal range (_sr_normal)."""
     bits = x.to(tl.uint32, bitcast=True)
     if tl.bfloat16 == DTYPE:
-        out = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, (bits + r16) >> 16)  # NaN stays NaN
+        out = tl.where(x != x, 0x7FC0, (bits + r16) >> 16)  # NaN stays NaN
         return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     elif NORMAL:  # 13 dropped bits, the top 13 random bits added, truncate (inf stays inf)
         return (((bits + (r16 >> 3)) >> 13) << 13).to(tl.float32, bitcast=True).to(tl.float16)
@@ -281,8 +281,12 @@ def _hash_pre(base, low):
 
 
 @triton.jit
-def _lo16(pre):
-    return (pre ^ (pre >> 16)) & 0xFFFF
+def _lo16(pre, DTYPE: tl.constexpr):
+    """The hash's low 16 bits. For f16 written so that its short path's bits + (r16 >> 3) compiles to a shift, an
+    xor and one LEA.HI (bits + (y >> 19)), not five operations (LLVM's form of the other); the same value."""
+    if tl.float16 == DTYPE:
+        return ((pre << 16) ^ pre) >> 16
+    return (pre ^ (pre >> 16)) & 0xFFFF  # bf16: the other form costs registers (a spill in the centered variant)
 
 
 @triton.jit
@@ -388,7 +392,7 @@ def _update(
         else:  # torch's addcmul(value=-1) is an FMA: v = inf stays inf though avg^2 overflows
             var = _fma(-avg, avg, var)
         if (BIAS_CORRECTION & FLAGS) or Q8:  # negative by rounding at step 1 (optax: NaN), or by quantization
-            var = tl.where(var < 0.0, 0.0, var)
+            var = _max_nan(var, 0.0)  # one instruction, NaN kept (-0 -> +0 or -0: the same bits downstream)
     if EPS_IN_SQRT & FLAGS:
         denom = _sqrt(var + eps, SQRT_BY8)
     else:
@@ -681,9 +685,10 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_
 @triton.jit
 def _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE: tl.constexpr,
                 FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, SR: tl.constexpr, NORMAL: tl.constexpr):
-    _store8(p_addr, start, rows * 16, left, p_lo, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_lo), NORMAL)
-    _store8(p_addr, start, rows * 16 + 8, left - 8, p_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_hi),
+    _store8(p_addr, start, rows * 16, left, p_lo, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_lo, P_DTYPE),
             NORMAL)
+    _store8(p_addr, start, rows * 16 + 8, left - 8, p_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR,
+            _lo16(pre0_hi, P_DTYPE), NORMAL)
 
 
 @triton.jit
@@ -703,7 +708,7 @@ def _update_q8(
                          grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS, True, SQRT_BY8)
     if CENTERED:
         v = v - a * a
-        v = tl.where(v < 0.0, 0.0, v)
+        v = _max_nan(v, 0.0)
     if not FULL_ALIGNED:  # padding past numel encodes as 0 (mask: how many elements of each row are real)
         real = tl.arange(0, 8)[None, :] < left[:, None]
         v = tl.where(real, v, 0.0)
