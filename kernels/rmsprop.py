@@ -84,6 +84,12 @@ def _sqrt8_asm() -> str:
 
 
 _SQRT8_ASM: tl.constexpr = tl.constexpr(_sqrt8_asm())
+# A word of 4 signed codes (magnitudes, $1) with each code's sign on top (bit 7 of its byte) from the scaled
+# values' bits ($2..$5): kernels/rmsprop.cu's q8_encode4, the same selectors (0xB / 0xF: the top byte's sign
+# replicated).
+_Q8_SIGNS_ASM: tl.constexpr = tl.constexpr(
+    "{\n.reg .b32 a, b;\nprmt.b32 a, $2, $3, 0x00FB;\nprmt.b32 b, $4, $5, 0x00FB;\nprmt.b32 a, a, b, 0x5410;\n"
+    "and.b32 a, a, 0x80808080;\nor.b32 $0, $1, a;\n}")
 
 
 @triton.jit
@@ -176,11 +182,14 @@ def _sr_normal(key):
 @triton.jit
 def _to_storage_sr(x, DTYPE: tl.constexpr, r16, NORMAL: tl.constexpr):
     """Stochastic rounding to a 16-bit DTYPE with 16 random bits r16 (kernels/rmsprop.cu: from_float_sr): up with
-    probability equal to x's distance from the value below in units of the 16-bit spacing. NORMAL (f16): the
-    caller knows no value needs the exact path below f16's normal range (_sr_normal)."""
+    probability equal to x's distance from the value below in units of the 16-bit spacing. NORMAL: the caller
+    knows no value needs the exact path (f16: below its normal range, _sr_normal; bf16: NaN)."""
     bits = x.to(tl.uint32, bitcast=True)
     if tl.bfloat16 == DTYPE:
-        out = tl.where(x != x, 0x7FC0, (bits + r16) >> 16)  # NaN stays NaN
+        if NORMAL:
+            out = (bits + r16) >> 16
+        else:
+            out = tl.where(x != x, 0x7FC0, (bits + r16) >> 16)  # NaN stays NaN
         return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     elif NORMAL:  # 13 dropped bits, the top 13 random bits added, truncate (inf stays inf)
         return (((bits + (r16 >> 3)) >> 13) << 13).to(tl.float32, bitcast=True).to(tl.float16)
@@ -255,10 +264,18 @@ def _q8_words(x, f, keep, noise, SIGNED: tl.constexpr, ONE_MUL: tl.constexpr):
     else:
         yb = ((x * f[:, None]) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)
     if SIGNED:
-        c = tl.minimum(((yb & 0x7FFFFFF0) + noise) >> 20, 127) | ((yb >> 24) & 0x80)
+        c = tl.minimum(((yb & 0x7FFFFFF0) + noise) >> 20, 127)
+        if _INTERPRETED:
+            c = c | ((yb >> 24) & 0x80)
     else:
         c = tl.minimum(((yb & 0x7FFFFFF8) + noise) >> 19, 255)
     w = tl.sum(tl.reshape(c, [c.shape[0], 2, 4]) << (tl.arange(0, 4) * 8).to(tl.uint32)[None, None, :], 2)
+    if SIGNED and not _INTERPRETED:  # the signs by prmt, as the .cu (q8_encode4): 4 operations per word, not 8
+        even, odd = tl.split(tl.reshape(yb, [yb.shape[0], 2, 2, 2]))  # [R, 2, 2]: codes 4j + 2m (+ 1) by (j, m)
+        y0, y2 = tl.split(even)
+        y1, y3 = tl.split(odd)
+        w = tl.inline_asm_elementwise(_Q8_SIGNS_ASM, "=r,r,r,r,r,r", [w, y0, y1, y2, y3], dtype=tl.uint32,
+                                      is_pure=True, pack=1)
     return w & keep[:, None]
 
 
@@ -350,7 +367,7 @@ def _load(addr, start, offs, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def _store(addr, start, offs, mask, x, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
            SR: tl.constexpr, r16, NORMAL: tl.constexpr):
-    """NORMAL: f16 stochastic rounding's short path (the caller branches on _sr_normal around all its stores: a
+    """NORMAL: stochastic rounding's short path (the caller branches on _sr_normal around all its stores: a
     branch around each store, or one yielding values, costs registers or a layout conversion)."""
     if SR and tl.float32 != DTYPE:
         y = _to_storage_sr(x, DTYPE, r16, NORMAL)
@@ -622,17 +639,22 @@ def _update_chunk_q8(
         sb, fb, kb = _q8_scale(b_lo, b_hi)
     if CENTERED:
         sa, fa, ka = _q8_scale(a_lo, a_hi)
-    # With three states, or f16 stochastic rounding, one test for the chunk (a program-uniform branch; the .cu's is
-    # per thread): every block's codes with one multiply (_q8_one_mul), and with f16 stochastic rounding no p
-    # needing its exact path (_sr_normal). The reduction across the program costs about two instructions per
-    # element: worth it for three states' codes, or where p's test needs it anyway; not for one or two states
-    # alone (static report).
-    if (MOMENTUM and CENTERED) or (SR and tl.float16 == P_DTYPE):
-        ok = tl.where(_q8_one_mul(sv) & _q8_one_mul(sb) & _q8_one_mul(sa), 1.0, 0.0)  # per block, as an _sr_key
-        if SR and tl.float16 == P_DTYPE:
+    # With three states, or stochastic rounding of 16-bit params, one test for the chunk (a program-uniform branch;
+    # the .cu's is per thread): every block's codes with one multiply (_q8_one_mul), and with stochastic rounding
+    # no p needing its exact path (f16: _sr_normal; bf16: no NaN). The reduction across the program costs about
+    # two instructions per element: worth it for three states' codes, or with p's test; not for one or two
+    # states' codes alone (static report).
+    if (MOMENTUM and CENTERED) or (SR and tl.float32 != P_DTYPE):
+        ok = tl.where(_q8_one_mul(sv) & _q8_one_mul(sb) & _q8_one_mul(sa), 1.0, -1.0)  # per block, as a key
+        if SR and tl.float32 != P_DTYPE:
             ok = _min_nan(ok, _min_nan(tl.reduce(_sr_key_p(p_lo), 1, _min_nan),
                                        tl.reduce(_sr_key_p(p_hi), 1, _min_nan)))
-        if _sr_normal(tl.reduce(ok, 0, _min_nan)):
+        ok = tl.reduce(ok, 0, _min_nan)
+        if SR and tl.float16 == P_DTYPE:
+            short = _sr_normal(ok)
+        else:  # bf16: p's short path needs no NaN (the key's minimum is NaN then); the codes' needs no block's -1
+            short = ok >= 0.0
+        if short:
             _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp,
                             a_sp, left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
                             sv, fv, kv, sb, fb, kb, sa, fa, ka,
@@ -663,7 +685,7 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_
                     FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, ONE_MUL: tl.constexpr,
                     NORMAL: tl.constexpr):
     """Every store of an 8-bit chunk: codes and scale bytes of each state (_q8_words: ONE_MUL), then p (_store:
-    NORMAL, f16 stochastic rounding's short path, which the caller's test chose)."""
+    NORMAL: stochastic rounding's short path for p, which the caller's test chose)."""
     _q8_store(v_addr, start, block, c_all, v_lo, v_hi, fv, kv, pre0_lo, pre0_hi, False, False, FULL_ALIGNED, ONE_MUL)
     tl.store(v_sp, sv.to(tl.uint8), mask=r_mask)
     pre1_lo, pre1_hi = pre0_lo, pre0_hi  # (after square_avg's codes: fewer values live)

@@ -33,8 +33,9 @@ NUM_WARPS = 4
 # 8-bit state with grad_avg (centered): left alone, ptxas gives some of these variants 150-192 registers (8-12
 # warps: too few bytes in flight) or squeezes them into 128 or 168 with a spill; capped (maxnreg) they run 16 warps
 # (12 with momentum too) without spilling, for 1-3 instructions per element more (issue 27, static report, Triton
-# 3.6 and 3.9). Plain and momentum fit 128 on their own.
-Q8_MAX_REGISTERS = {(False, False): None, (True, False): None, (False, True): 128, (True, True): 168}
+# 3.6 and 3.9). Momentum alone: capped at 168 (12 warps), ptxas squeezes some into 128 with a 16-byte spill.
+# Plain fits 128 on its own.
+Q8_MAX_REGISTERS = {(False, False): None, (True, False): 168, (False, True): 128, (True, True): 168}
 
 
 def interpreting() -> bool:
