@@ -365,8 +365,8 @@ __device__ __forceinline__ u32 q8_encode4(const float* x, float f, const u32* no
 }
 // The random bits of a code in its place: from a hash's high half (hi16) or low half (lo16), given its pre().
 template <int SH> __device__ __forceinline__ u32 noise_hi(u32 pre) { return pre >> (16 - SH); }  // junk below SH
-template <int SH> __device__ __forceinline__ u32 noise_lo(u32 pre) {
-  return ((pre << SH) ^ (pre >> (16 - SH))) & (0xFFFFu << SH);
+template <int SH> __device__ __forceinline__ u32 noise_lo(u32 pre) {  // junk below SH too: adds with one LEA.HI
+  return ((pre << 16) ^ pre) >> (16 - SH);
 }
 // One thread's block of 16 as loaded: its codes (one 128-bit access on the full path) and its scale byte. Loaded
 // raw, decoded later, so that every load of the chunk is issued before the first wait.

@@ -313,7 +313,7 @@ def _noise_hi(pre, SH: tl.constexpr):
 
 @triton.jit
 def _noise_lo(pre, SH: tl.constexpr):
-    return ((pre << SH) ^ (pre >> (16 - SH))) & (0xFFFF << SH)  # the hash's low half << SH
+    return ((pre << 16) ^ pre) >> (16 - SH)  # the hash's low half << SH, pre's bits 12.. below (as _noise_hi)
 
 
 @triton.jit
