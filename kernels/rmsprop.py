@@ -253,24 +253,26 @@ def _q8_scale(lo, hi):
 
 
 @triton.jit
-def _q8_words(x, f, keep, noise, SIGNED: tl.constexpr, ONE_MUL: tl.constexpr):
+def _q8_words(x, f, keep, noise, SIGNED: tl.constexpr, ONE_MUL: tl.constexpr, BY_PRMT: tl.constexpr):
     """float32 [R, 8] -> codes as little-endian words [R, 2] (4 per word), rounded stochastically: noise is 16
     random bits at the top of the dropped field (r << 3 unsigned, r << 4 signed) with anything below, where the
     magnitude's bits are cleared first. The NaN-block mask (keep) goes on whole words. The codes are read from
     y = x * 2^(15 - s) rounded once (kernels/rmsprop.cu: q8_code), f = 2^(127 - s) per block: x * f (exact) then
-    * 2^-112, or (ONE_MUL: every block's s <= 164 or 255, _q8_one_mul) x * (f * 2^-112), one multiply per code."""
+    * 2^-112, or (ONE_MUL: every block's s <= 164 or 255, _q8_one_mul) x * (f * 2^-112), one multiply per code.
+    BY_PRMT: signs packed by prmt (16-bit params; with fp32 params ptxas then spills 8 bytes in the centered
+    variant on sm_80, which is within the budget either way)."""
     if ONE_MUL:
         yb = (x * (f * 1.925929944387236e-34)[:, None]).to(tl.uint32, bitcast=True)
     else:
         yb = ((x * f[:, None]) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)
     if SIGNED:
         c = tl.minimum(((yb & 0x7FFFFFF0) + noise) >> 20, 127)
-        if _INTERPRETED:
+        if _INTERPRETED or not BY_PRMT:
             c = c | ((yb >> 24) & 0x80)
     else:
         c = tl.minimum(((yb & 0x7FFFFFF8) + noise) >> 19, 255)
     w = tl.sum(tl.reshape(c, [c.shape[0], 2, 4]) << (tl.arange(0, 4) * 8).to(tl.uint32)[None, None, :], 2)
-    if SIGNED and not _INTERPRETED:  # the signs by prmt, as the .cu (q8_encode4): 4 operations per word, not 8
+    if SIGNED and BY_PRMT and not _INTERPRETED:  # signs by prmt as the .cu (q8_encode4): 4 ops per word, not 8
         even, odd = tl.split(tl.reshape(yb, [yb.shape[0], 2, 2, 2]))  # [R, 2, 2]: codes 4j + 2m (+ 1) by (j, m)
         y0, y2 = tl.split(even)
         y1, y3 = tl.split(odd)
@@ -331,7 +333,8 @@ def _q8_load(addr, start, rows, block, mask, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _q8_store(addr, start, block, mask, x_lo, x_hi, f, keep, pre_lo, pre_hi,
-              SIGNED: tl.constexpr, NOISE_LO: tl.constexpr, ALIGNED: tl.constexpr, ONE_MUL: tl.constexpr):
+              SIGNED: tl.constexpr, NOISE_LO: tl.constexpr, ALIGNED: tl.constexpr, ONE_MUL: tl.constexpr,
+              BY_PRMT: tl.constexpr = False):
     SH: tl.constexpr = 4 if SIGNED else 3
     if NOISE_LO:
         n_lo = _noise_lo(pre_lo, SH)
@@ -339,8 +342,8 @@ def _q8_store(addr, start, block, mask, x_lo, x_hi, f, keep, pre_lo, pre_hi,
     else:
         n_lo = _noise_hi(pre_lo, SH)
         n_hi = _noise_hi(pre_hi, SH)
-    w = tl.join(_q8_words(x_lo, f, keep, n_lo, SIGNED, ONE_MUL),
-                _q8_words(x_hi, f, keep, n_hi, SIGNED, ONE_MUL))  # [R, 2, 2]
+    w = tl.join(_q8_words(x_lo, f, keep, n_lo, SIGNED, ONE_MUL, BY_PRMT),
+                _q8_words(x_hi, f, keep, n_hi, SIGNED, ONE_MUL, BY_PRMT))  # [R, 2, 2]
     w = tl.reshape(tl.permute(w, [0, 2, 1]), [w.shape[0], 4])  # words 0-3 of each block
     if ALIGNED:
         ptr = tl.multiple_of((addr + start).to(tl.pointer_type(tl.uint32)), 16)
@@ -694,11 +697,11 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_
         pre1_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 17)
     if MOMENTUM:
         _q8_store(b_addr, start, block, c_all, b_lo, b_hi, fb, kb, pre1_lo, pre1_hi, True, True, FULL_ALIGNED,
-                  ONE_MUL)
+                  ONE_MUL, tl.float32 != P_DTYPE)
         tl.store(b_sp, sb.to(tl.uint8), mask=r_mask)
     if CENTERED:
         _q8_store(a_addr, start, block, c_all, a_lo, a_hi, fa, ka, pre1_lo, pre1_hi, True, False, FULL_ALIGNED,
-                  ONE_MUL)
+                  ONE_MUL, tl.float32 != P_DTYPE)
         tl.store(a_sp, sa.to(tl.uint8), mask=r_mask)
     _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR,
                 NORMAL)
