@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # seconds per stage on the GPU; the dry run on a 2-core CPU gets DRY_RUN_FACTOR times as long
-STAGES = {"install": 60, "environment": 30, "tests": 150, "bench": 120, "static_report": 90, "hw_counters": 45}
+STAGES = {"install": 60, "environment": 30, "tests": 150, "bench": 120, "static_report": 120, "hw_counters": 45}
 DRY_RUN_FACTOR = 4
 
 
