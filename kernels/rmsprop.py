@@ -221,7 +221,7 @@ def _half(h):
 def _q8_decode(w, s, SIGNED: tl.constexpr):
     """Codes as little-endian words [R, N] (4 per word; block r in row r) and their blocks' scale bytes [R] ->
     float32 [R, 4N]: a code's bits placed as a half's are its value * 2^112, subnormal codes included
-    (kernels/rmsprop.cu: q8_decode_pair). Two codes per 32-bit operation: codes 0 and 2 of a word (bytes 0 and 2)
+    (kernels/rmsprop.cu: q8_decode_word). Two codes per 32-bit operation: codes 0 and 2 of a word (bytes 0 and 2)
     move into the two halves of one register, codes 1 and 3 into another."""
     if SIGNED:  # sign at 15, magnitude at 13..7
         even = ((w << 8) & 0x80008000) | ((w << 7) & 0x3F803F80)
@@ -370,7 +370,7 @@ def _load(addr, start, offs, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def _store(addr, start, offs, mask, x, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr,
            SR: tl.constexpr, r16, NORMAL: tl.constexpr):
-    """NORMAL: stochastic rounding's short path (the caller branches on _sr_normal around all its stores: a
+    """NORMAL: stochastic rounding's short path (the caller branches on its test around all its stores: a
     branch around each store, or one yielding values, costs registers or a layout conversion)."""
     if SR and tl.float32 != DTYPE:
         y = _to_storage_sr(x, DTYPE, r16, NORMAL)
