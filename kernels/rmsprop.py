@@ -642,6 +642,14 @@ def _update_chunk_q8(
         sb, fb, kb = _q8_scale(b_lo, b_hi)
     if CENTERED:
         sa, fa, ka = _q8_scale(a_lo, a_hi)
+    # the scale bytes here, before the codes: their pointers die before the encoding, the kernel's busiest part
+    # (with fp16 params, centered + momentum and stochastic rounding, Triton 3.6's ptxas otherwise parks the
+    # chunk's addresses in uniform registers: about 35 more instructions)
+    tl.store(v_sp, sv.to(tl.uint8), mask=r_mask)
+    if MOMENTUM:
+        tl.store(b_sp, sb.to(tl.uint8), mask=r_mask)
+    if CENTERED:
+        tl.store(a_sp, sa.to(tl.uint8), mask=r_mask)
     # With three states, or stochastic rounding of 16-bit params, one test for the chunk (a program-uniform branch;
     # the .cu's is per thread): every block's codes with one multiply (_q8_one_mul), and with stochastic rounding
     # no p needing its exact path (f16: _sr_normal; bf16: no NaN). The reduction across the program costs about
@@ -687,10 +695,9 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_
                     P_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, SR: tl.constexpr,
                     FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, ONE_MUL: tl.constexpr,
                     NORMAL: tl.constexpr):
-    """Every store of an 8-bit chunk: codes and scale bytes of each state (_q8_words: ONE_MUL), then p (_store:
-    NORMAL: stochastic rounding's short path for p, which the caller's test chose)."""
+    """The rest of an 8-bit chunk's stores (the caller stored the scale bytes): each state's codes (_q8_words:
+    ONE_MUL), then p (_store: NORMAL: stochastic rounding's short path for p, which the caller's test chose)."""
     _q8_store(v_addr, start, block, c_all, v_lo, v_hi, fv, kv, pre0_lo, pre0_hi, False, False, FULL_ALIGNED, ONE_MUL)
-    tl.store(v_sp, sv.to(tl.uint8), mask=r_mask)
     pre1_lo, pre1_hi = pre0_lo, pre0_hi  # (after square_avg's codes: fewer values live)
     if MOMENTUM or CENTERED:
         pre1_lo = _hash_pre(base, 2 * cols.to(tl.uint32) + 1)
@@ -698,11 +705,9 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_
     if MOMENTUM:
         _q8_store(b_addr, start, block, c_all, b_lo, b_hi, fb, kb, pre1_lo, pre1_hi, True, True, FULL_ALIGNED,
                   ONE_MUL, tl.float32 != P_DTYPE)
-        tl.store(b_sp, sb.to(tl.uint8), mask=r_mask)
     if CENTERED:
         _q8_store(a_addr, start, block, c_all, a_lo, a_hi, fa, ka, pre1_lo, pre1_hi, True, False, FULL_ALIGNED,
                   ONE_MUL, tl.float32 != P_DTYPE)
-        tl.store(a_sp, sa.to(tl.uint8), mask=r_mask)
     _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR,
                 NORMAL)
 
