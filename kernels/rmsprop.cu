@@ -191,6 +191,26 @@ struct HashGroup {
     return x * 0x846CA68Bu;
   }
   __device__ __forceinline__ u32 hash(u32 low) const { const u32 x = pre(low); return x ^ (x >> 16); }
+  // pre(2k) and (PAIR1) pre(2k + 1) for k < 16 with one add each where pre takes an xor and a multiply: flipping
+  // distinct bits of base adds +-2^bit for each (mod 2^32), so (base ^ low) * M = base * M + flip(bit) summed over
+  // low's bits; y[k] from y[k without its lowest bit] (the same bits as pre)
+  template <bool PAIR1> __device__ __forceinline__ void pre16(u32 (&p0)[16], u32 (&p1)[16]) const {
+    u32 y[16];
+    y[0] = base * 0x7FEB352Du;
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      if (k) y[k] = y[k & (k - 1)] + flip((k & 1) ? 1 : (k & 2) ? 2 : (k & 4) ? 3 : 4);  // 2k's lowest bit
+      p0[k] = finish(y[k]);
+      p1[k] = PAIR1 ? finish(y[k] + flip(0)) : 0u;
+    }
+  }
+  __device__ __forceinline__ u32 flip(int bit) const {  // ((base ^ 2^bit) - base) * M
+    return ((1u << bit) - 2u * (base & (1u << bit))) * 0x7FEB352Du;
+  }
+  __device__ __forceinline__ static u32 finish(u32 y) {  // the rest of pre, from y = (base ^ low) * M
+    const u32 x = y ^ (y >> 15);
+    return x * 0x846CA68Bu;
+  }
 };
 __device__ __forceinline__ u32 hi16(u32 pre) { return pre >> 16; }
 __device__ __forceinline__ u32 lo16(u32 pre) { return (pre ^ (pre >> 16)) & 0xFFFFu; }
@@ -587,9 +607,8 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
     if (!FULL && i + k >= numel) root[k] = bv[k] = av[k] = 0.0f;  // padding encodes as 0
-    pre0[k] = hg.pre(2u * k);
-    pre1[k] = (MOMENTUM || CENTERED) ? hg.pre(2u * k + 1u) : 0u;
   }
+  hg.pre16<MOMENTUM || CENTERED>(pre0, pre1);
   const u32 sv = q8_block_scale(root), sb = MOMENTUM ? q8_block_scale(bv) : 1u, sa = CENTERED ? q8_block_scale(av) : 1u;
   if (q8_one_mul(sv) && q8_one_mul(sb) && q8_one_mul(sa))
     q8_store_all<MOMENTUM, CENTERED, FULL, true>(v, b, a, n16, i, root, bv, av, sv, sb, sa, pre1, pre0);
