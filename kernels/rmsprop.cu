@@ -185,11 +185,7 @@ struct HashGroup {
     const u32 x = key ^ ((u32)i * 2u);
     base = x ^ (x >> 16);
   }
-  __device__ __forceinline__ u32 pre(u32 low) const {
-    u32 x = (base ^ low) * 0x7FEB352Du;
-    x ^= x >> 15;
-    return x * 0x846CA68Bu;
-  }
+  __device__ __forceinline__ u32 pre(u32 low) const { return finish((base ^ low) * 0x7FEB352Du); }
   __device__ __forceinline__ u32 hash(u32 low) const { const u32 x = pre(low); return x ^ (x >> 16); }
   // pre(2k) and (PAIR1) pre(2k + 1) for k < 16 with one add each where pre takes an xor and a multiply: flipping
   // distinct bits of base adds +-2^bit for each (mod 2^32), so (base ^ low) * M = base * M + flip(bit) summed over

@@ -666,19 +666,16 @@ def _update_chunk_q8(
         else:  # bf16: p's short path needs no NaN (the key's minimum is NaN then); the codes' needs no block's -1
             short = ok >= 0.0
         if short:
-            _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp,
-                            a_sp, left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
-                            sv, fv, kv, sb, fb, kb, sa, fa, ka,
+            _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, left, base,
+                            pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi, fv, kv, fb, kb, fa, ka,
                             P_DTYPE, MOMENTUM, CENTERED, SR, FULL_ALIGNED, NATIVE_BF16, True, True)
         else:
-            _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp,
-                            a_sp, left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
-                            sv, fv, kv, sb, fb, kb, sa, fa, ka,
+            _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, left, base,
+                            pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi, fv, kv, fb, kb, fa, ka,
                             P_DTYPE, MOMENTUM, CENTERED, SR, FULL_ALIGNED, NATIVE_BF16, False, False)
     else:
-        _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp, a_sp,
-                        left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
-                        sv, fv, kv, sb, fb, kb, sa, fa, ka,
+        _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, left, base, pre0_lo,
+                        pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi, fv, kv, fb, kb, fa, ka,
                         P_DTYPE, MOMENTUM, CENTERED, SR, FULL_ALIGNED, NATIVE_BF16, False, False)
 
 
@@ -689,9 +686,8 @@ def _q8_one_mul(s):
 
 
 @triton.jit
-def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, r_mask, v_sp, b_sp, a_sp,
-                    left, base, pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi,
-                    sv, fv, kv, sb, fb, kb, sa, fa, ka,
+def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, left, base,
+                    pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi, fv, kv, fb, kb, fa, ka,
                     P_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, SR: tl.constexpr,
                     FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, ONE_MUL: tl.constexpr,
                     NORMAL: tl.constexpr):
