@@ -8,7 +8,8 @@
 //                               H_LR..H_SIGN: lr, alpha, 1 - alpha, eps, weight_decay, momentum, sign (-1: maximize);
 //                               as uint32 column H_SEED: the stochastic-rounding seed
 // Launch with 128 threads per block (16 elements each per chunk: the per-chunk set-up, table lookups and
-// hyperparameters, is spread over twice as many elements as with 8). Dtypes, momentum/centered and the option flags are template parameters:
+// hyperparameters, is spread over twice as many elements as with 8), 64 with 8-bit state (32 each: two
+// quantization blocks; rmsprop_gpu/abi.py: threads). Dtypes, momentum/centered and the option flags are template parameters:
 // the loader instantiates one entry point per (layout, flags) with RMSPROP_KERNEL, so the hot loop tests no
 // flag (as Triton's constexprs). FLAGS = RUNTIME_FLAGS reads them from the `flags` argument instead: the CPU
 // test build (tests/cuda_cpu) uses that to cover every combination with one compilation of the same code.
@@ -436,8 +437,8 @@ struct Hyper {
   int flags;  // FLAGS, or the `flags` argument when FLAGS == RUNTIME_FLAGS
 };
 
-// One element of the update in two halves around the square root (the 8-bit chunk takes the roots of several
-// elements together, sqrt_rn_all); p, v, buf, ga are read and written in registers. h.flags is a compile-time
+// One element of the update in two halves around the square root (the 8-bit chunk takes the roots and quotients
+// of several elements together, sqrt_rn_all and div_rn_all); p, v, buf, ga are read and written in registers. h.flags is a compile-time
 // constant unless the kernel reads its flags at run time, so each flag test below folds away.
 // First half: g as the update uses it, the averages, and the value whose root the denominator takes.
 template <bool CENTERED, bool CLAMP_VAR = false>
@@ -463,23 +464,37 @@ __device__ __forceinline__ float update_var(float& p, float& g, float& v, float&
   }
   return (h.flags & EPS_IN_SQRT) ? var + h.eps : var;
 }
-// Second half, given root = sqrt.rn(what update_var returned).
-template <bool MOMENTUM>
-__device__ __forceinline__ void update_apply(float& p, float g, float& buf, float root, const Hyper& h) {
-  const float denom = (h.flags & EPS_IN_SQRT) ? root : root + h.eps;
+// Second half, given root = sqrt.rn(what update_var returned): the denominator, the quotient's numerator (g, or
+// fastai's buffer of raw grads, updated first), the quotient, and what it updates (update_quotient). The 8-bit
+// chunk takes several elements' roots and quotients together (sqrt_rn_all, div_rn_all).
+__device__ __forceinline__ float update_denom(float root, const Hyper& h) {
+  return (h.flags & EPS_IN_SQRT) ? root : root + h.eps;
+}
+template <bool MOMENTUM> __device__ __forceinline__ float update_numerator(float g, float& buf, const Hyper& h) {
   if (MOMENTUM && (h.flags & RAW_GRAD_MOMENTUM)) {  // fastai: a momentum of raw grads, divided after
     buf = h.momentum * buf + g;
-    p = p - h.lr * __fdiv_rn(buf, denom);
+    return buf;
+  }
+  return g;
+}
+template <bool MOMENTUM> __device__ __forceinline__ void update_quotient(float& p, float& buf, float q, const Hyper& h) {
+  if (MOMENTUM && (h.flags & RAW_GRAD_MOMENTUM)) {
+    p = p - h.lr * q;
   } else if (MOMENTUM && (h.flags & LR_IN_MOMENTUM)) {  // TF1 / Keras / optax: the buffer accumulates lr * g / d
-    const float step = h.lr * __fdiv_rn(g, denom);
+    const float step = h.lr * q;
     buf = h.momentum * buf + step;
     p = p - ((h.flags & NESTEROV) ? step + h.momentum * buf : buf);
   } else if (MOMENTUM) {
-    buf = h.momentum * buf + __fdiv_rn(g, denom);
+    buf = h.momentum * buf + q;
     p = p - h.lr * buf;
   } else {
-    p = p - h.lr * __fdiv_rn(g, denom);
+    p = p - h.lr * q;
   }
+}
+template <bool MOMENTUM>
+__device__ __forceinline__ void update_apply(float& p, float g, float& buf, float root, const Hyper& h) {
+  const float n = update_numerator<MOMENTUM>(g, buf, h);
+  update_quotient<MOMENTUM>(p, buf, __fdiv_rn(n, update_denom(root, h)), h);
 }
 template <bool MOMENTUM, bool CENTERED>
 __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, float& ga, const Hyper& h) {
@@ -508,7 +523,8 @@ __device__ __forceinline__ float sqrt_rn_fast(float x) {
   return __fsqrt_rn(x);
 #endif
 }
-template <int N> __device__ __forceinline__ void sqrt_rn_all(const float* x, float* root) {
+// Returns whether any took the slow path (else every root is in [2^-50.5, 2^64)).
+template <int N> __device__ __forceinline__ bool sqrt_rn_all(const float* x, float* root) {
   bool slow = false;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
@@ -519,9 +535,49 @@ template <int N> __device__ __forceinline__ void sqrt_rn_all(const float* x, flo
 #pragma unroll
     for (int k = 0; k < N; ++k) root[k] = __fsqrt_rn(x[k]);
   }
+  return slow;
 }
-// The 8-bit chunk's roots, 8 at a time: 16 at once costs ptxas more registers (fewer warps, or loads after the
-// first use), one at a time a branch each.
+
+// n / d rounded to nearest (div.rn) by the fast path ptxas emits for each div.rn.f32 after its check (FCHK) that
+// every intermediate stays a normal float, where the path is correctly rounded: MUFU.RCP, one Newton step for the
+// reciprocal, the quotient, its exact remainder, one correction (tests/test_fast_paths.py runs this text with
+// exact arithmetic).
+__device__ __forceinline__ float div_rn_fast(float n, float d) {
+#ifdef __CUDA_ARCH__
+  float q;
+  asm("{\n\t.reg .f32 r, e, y, t;\n\t"
+      "rcp.approx.ftz.f32 r, %2;\n\t"
+      "neg.f32 t, %2;\n\t"
+      "fma.rn.f32 e, t, r, 0f3F800000;\n\t"
+      "fma.rn.f32 r, r, e, r;\n\t"
+      "mul.rn.f32 y, %1, r;\n\t"
+      "fma.rn.f32 e, t, y, %1;\n\t"
+      "fma.rn.f32 %0, e, r, y;\n\t}"
+      : "=f"(q) : "f"(n), "f"(d));
+  return q;
+#else
+  return __fdiv_rn(n, d);
+#endif
+}
+// div.rn of N values with one range test and branch for all (ptxas: a check and a branch per value), as
+// sqrt_rn_all. The range that keeps div_rn_fast's intermediates normal: d in [2^-51, 1.5 * 2^64] (the caller's:
+// roots from sqrt_rn_all's fast path plus an eps in [0, 2^63]; else it passes slow) and n in +-[2^-60, 2^60],
+// tested here: the quotient is then in [2^-125, 2^111], the remainder 0 or above 2^-84. Anything else (0, tiny,
+// huge, inf or NaN n) takes div.rn for all N.
+template <int N> __device__ __forceinline__ void div_rn_all(const float* n, const float* d, float* q, bool slow) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    // 2|n|'s bits - 2^-60's > 2^60's - 2^-60's (unsigned: 0 wraps around, NaN and inf are above)
+    slow |= __float_as_uint(n[k]) * 2u - 0x43000000u > 0x78000000u;
+    q[k] = div_rn_fast(n[k], d[k]);
+  }
+  if (slow) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) q[k] = __fdiv_rn(n[k], d[k]);
+  }
+}
+// The 8-bit chunk's roots and quotients, 8 at a time: 16 at once costs ptxas more registers (fewer warps, or loads
+// after the first use), one at a time a branch each.
 constexpr int SQRT_GROUP = 8;
 
 // The three states' codes: square_avg from the high half of pair 0, momentum_buffer the low and grad_avg the high
@@ -575,10 +631,12 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
   const HashGroup hg(key, i);
   // without bias correction and eps inside the root, the root the update divides by is the stored one
   const bool same_root = !(h.flags & (BIAS_CORRECTION | EPS_IN_SQRT));
+  // denominators from fast-path roots stay in div_rn_all's range (NaN eps fails the test)
+  const bool eps_ok = h.eps >= 0.0f && h.eps <= 0x1p63f;
   float root[16];
   u32 pre0[16], pre1[16];  // random bits: p (low half, with sr) and square_avg; momentum_buffer and grad_avg
 #pragma unroll
-  for (int k0 = 0; k0 < 16; k0 += SQRT_GROUP) {  // the roots of SQRT_GROUP elements at a time (sqrt_rn_all)
+  for (int k0 = 0; k0 < 16; k0 += SQRT_GROUP) {  // SQRT_GROUP elements' roots and quotients at a time
     float x[SQRT_GROUP], sx[SQRT_GROUP], kept[SQRT_GROUP];
 #pragma unroll
     for (int j = 0; j < SQRT_GROUP; ++j) {
@@ -590,15 +648,24 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
       x[j] = update_var<CENTERED, true>(pv[k], gv[k], vv[k], av[k], h);
       kept[j] = CENTERED ? clamp0_nan(vv[k] - av[k] * av[k]) : vv[k];
     }
-    sqrt_rn_all<SQRT_GROUP>(x, sx);
+    const bool slow_root = sqrt_rn_all<SQRT_GROUP>(x, sx);
     if (same_root) {
 #pragma unroll
       for (int j = 0; j < SQRT_GROUP; ++j) root[k0 + j] = sx[j];
     } else {
       sqrt_rn_all<SQRT_GROUP>(kept, root + k0);
     }
+    // one test for the quotients too (their own branch: merged with the roots', ptxas moved loads after the
+    // first use in several variants)
+    float n[SQRT_GROUP], d[SQRT_GROUP], q[SQRT_GROUP];
 #pragma unroll
-    for (int j = 0; j < SQRT_GROUP; ++j) update_apply<MOMENTUM>(pv[k0 + j], gv[k0 + j], bv[k0 + j], sx[j], h);
+    for (int j = 0; j < SQRT_GROUP; ++j) {
+      n[j] = update_numerator<MOMENTUM>(gv[k0 + j], bv[k0 + j], h);
+      d[j] = update_denom(sx[j], h);
+    }
+    div_rn_all<SQRT_GROUP>(n, d, q, slow_root || !eps_ok);
+#pragma unroll
+    for (int j = 0; j < SQRT_GROUP; ++j) update_quotient<MOMENTUM>(pv[k0 + j], bv[k0 + j], q[j], h);
   }
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
@@ -663,13 +730,19 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
   const bool aligned = (((i64)p | (i64)g | (i64)v | (i64)b | (i64)a) & 15) == 0;
 
   if constexpr (is_q8<S>::value) {
-    const i64 i = start + (i64)threadIdx.x * 16;
-    if (aligned && numel - start >= RMSPROP_BLOCK)
-      q8_chunk<P, MOMENTUM, CENTERED, true>((unsigned char*)v, (unsigned char*)b, (unsigned char*)a, p, g, numel, i,
-                                            h, sr, key);
-    else if (i < numel)
-      q8_chunk<P, MOMENTUM, CENTERED, false>((unsigned char*)v, (unsigned char*)b, (unsigned char*)a, p, g, numel,
-                                             i, h, sr, key);
+    // RMSPROP_Q8_THREADS threads: each takes Q8_BLOCKS quantization blocks, a warp's 32 blocks side by side
+    constexpr int Q8_BLOCKS = RMSPROP_BLOCK / (RMSPROP_Q8_THREADS * 16);
+    const bool full = aligned && numel - start >= RMSPROP_BLOCK;
+#pragma unroll
+    for (int j = 0; j < Q8_BLOCKS; ++j) {
+      const i64 i = start + ((i64)j * RMSPROP_Q8_THREADS + threadIdx.x) * 16;
+      if (full)
+        q8_chunk<P, MOMENTUM, CENTERED, true>((unsigned char*)v, (unsigned char*)b, (unsigned char*)a, p, g, numel,
+                                              i, h, sr, key);
+      else if (i < numel)
+        q8_chunk<P, MOMENTUM, CENTERED, false>((unsigned char*)v, (unsigned char*)b, (unsigned char*)a, p, g, numel,
+                                               i, h, sr, key);
+    }
   } else {
   // Fast path: every load of the chunk is issued before any math (one memory wave), then all stores.
   constexpr int VEC = Packet<P>::N;  // 4 floats or 8 halves: one 128-bit packet of p and g per step
@@ -726,13 +799,15 @@ __device__ __forceinline__ void rmsprop_block(RMSPROP_PARAMS) {
     *step += 1.0f;
 }
 
-// The entry point the loader appends for one (layout, flags): RMSPROP_KERNEL(name, P, S, momentum, centered, flags).
+// The entry point the loader appends for one (layout, flags): RMSPROP_KERNEL(name, P, S, momentum, centered, flags),
+// launched with RMSPROP_THREADS threads, or RMSPROP_Q8_THREADS with 8-bit state (rmsprop_gpu/abi.py: threads).
 // The minimum of 1 block per SM (.minnctapersm 1) changes nothing the launch needs but ptxas's register choice:
 // more registers, fewer instructions (every variant: up to 1.4 points less of an H200's issue slots in the
 // static report), and still 12 warps or more per SM.
-#define RMSPROP_KERNEL(NAME, P, S, MOM, CEN, FLAGS)                                            \
-  extern "C" __global__ void __launch_bounds__(RMSPROP_THREADS, 1) NAME(RMSPROP_PARAMS) { \
-    rmsprop_block<P, S, MOM, CEN, FLAGS>(RMSPROP_ARGS);                                    \
+#define RMSPROP_KERNEL(NAME, P, S, MOM, CEN, FLAGS)                                                                 \
+  extern "C" __global__ void __launch_bounds__(is_q8<S>::value ? RMSPROP_Q8_THREADS : RMSPROP_THREADS, 1)        \
+      NAME(RMSPROP_PARAMS) {                                                                                        \
+    rmsprop_block<P, S, MOM, CEN, FLAGS>(RMSPROP_ARGS);                                                             \
   }
 
 // Every layout: (name, param type, state type, momentum, centered). The CPU test build instantiates each with

@@ -84,6 +84,34 @@ def _sqrt8_asm() -> str:
 
 
 _SQRT8_ASM: tl.constexpr = tl.constexpr(_sqrt8_asm())
+
+
+def _root_quotient8_asm(add_eps: bool) -> str:
+    """PTX for a thread's 8 roots and quotients with one range test and branch (kernels/rmsprop.cu: sqrt_rn_all,
+    div_rn_all): $0..$7 = sqrt.rn(x), $8..$15 = n / d rounded to nearest, d = root + eps (add_eps) or root, from
+    x $16..$23, n $24..$31, eps $32 (bits). Fast path for x in [2^-101, the largest float], n in +-[2^-60, 2^60]
+    and eps in [0, 2^63] (div_rn_fast's range), else sqrt.rn and div.rn for all 8."""
+    test = ("sub.u32 m, $16, 0x0D000000;\nmad.lo.u32 w, $24, 2, 0xBD000000;\n" + "".join(
+        f"sub.u32 u, ${16 + k}, 0x0D000000;\nmax.u32 m, m, u;\nmad.lo.u32 u, ${24 + k}, 2, 0xBD000000;\n"
+        f"max.u32 w, w, u;\n" for k in range(1, 8))
+        + "setp.gt.u32 slow, m, 0x727FFFFF;\nsetp.gt.u32 bad, w, 0x78000000;\nor.pred slow, slow, bad;\n"
+        "setp.gt.u32 bad, $32, 0x5F000000;\nor.pred slow, slow, bad;\n")
+    denom = (lambda k: f"add.rn.f32 d, ${k}, $32;\n") if add_eps else (lambda k: f"mov.b32 d, ${k};\n")
+    fast = "".join(
+        f"rsqrt.approx.ftz.f32 r, ${16 + k};\nmul.f32 s, ${16 + k}, r;\nmul.f32 h, r, 0f3F000000;\nneg.f32 e, s;\n"
+        f"fma.rn.f32 e, e, s, ${16 + k};\nfma.rn.f32 ${k}, e, h, s;\n" + denom(k)
+        + f"rcp.approx.ftz.f32 r, d;\nneg.f32 t, d;\nfma.rn.f32 e, t, r, 0f3F800000;\nfma.rn.f32 r, r, e, r;\n"
+        f"mul.rn.f32 y, ${24 + k}, r;\nfma.rn.f32 e, t, y, ${24 + k};\nfma.rn.f32 ${8 + k}, e, r, y;\n"
+        for k in range(8))
+    slow = "".join(f"sqrt.rn.f32 ${k}, ${16 + k};\n" + denom(k) + f"div.rn.f32 ${8 + k}, ${24 + k}, d;\n"
+                   for k in range(8))
+    return ("{\n.reg .pred slow, bad;\n.reg .b32 m, w, u, r, s, h, e, t, y, d;\n" + test
+            + "@slow bra ROOTQ_SLOW_${:uid};\n" + fast + "bra.uni ROOTQ_DONE_${:uid};\nROOTQ_SLOW_${:uid}:\n" + slow
+            + "ROOTQ_DONE_${:uid}:\n}")
+
+
+_ROOT_QUOTIENT8_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True))
+_ROOT_QUOTIENT8_NO_EPS_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(False))
 # A word of 4 signed codes (magnitudes, $1) with each code's sign on top (bit 7 of its byte) from the scaled
 # values' bits ($2..$5): kernels/rmsprop.cu's q8_encode4, the same selectors (0xB / 0xF: the top byte's sign
 # replicated).
@@ -101,6 +129,28 @@ def _sqrt(x, BY8: tl.constexpr):
                                          dtype=tl.uint32, is_pure=True, pack=8).to(tl.float32, bitcast=True)
     else:
         return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _root_quotient(x, n, eps, ADD_EPS: tl.constexpr, BY8: tl.constexpr):
+    """root = sqrt.rn(x) and n / (root + eps if ADD_EPS else root) rounded to nearest; BY8 (as _sqrt's): one range
+    test and branch per 8 of them (_root_quotient8_asm) in compiled code."""
+    if BY8 and not _INTERPRETED:
+        if ADD_EPS:
+            asm: tl.constexpr = _ROOT_QUOTIENT8_ASM
+        else:
+            asm: tl.constexpr = _ROOT_QUOTIENT8_NO_EPS_ASM
+        root, q = tl.inline_asm_elementwise(
+            asm, "=&r," * 16 + "r," * 23 + "r",
+            [x.to(tl.uint32, bitcast=True), n.to(tl.uint32, bitcast=True), eps.to(tl.uint32, bitcast=True)],
+            dtype=(tl.uint32, tl.uint32), is_pure=True, pack=8)
+        return root.to(tl.float32, bitcast=True), q.to(tl.float32, bitcast=True)
+    else:
+        root = tl.sqrt_rn(x)
+        if ADD_EPS:
+            return root, tl.div_rn(n, root + eps)
+        else:
+            return root, tl.div_rn(n, root)
 
 
 @triton.jit
@@ -386,7 +436,8 @@ def _update(
     MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr,
     Q8: tl.constexpr = False, SQRT_BY8: tl.constexpr = False,
 ):
-    """The update of one tile in float32: returns the new p, v, buf, ga (buf/ga unchanged when not used).
+    """The update of one tile in float32: returns the new p, v, buf, ga (buf/ga unchanged when not used) and the
+    root the denominator took.
     Q8: 8-bit state, whose v and grad_avg can cross (v - ga^2 < 0): clamped at 0.
     SQRT_BY8: roots 8 at a time (_sqrt; the caller's layout allows it)."""
     if GRAD_SCALE & FLAGS:
@@ -414,26 +465,28 @@ def _update(
         if (BIAS_CORRECTION & FLAGS) or Q8:  # negative by rounding at step 1 (optax: NaN), or by quantization
             var = _max_nan(var, 0.0)  # one instruction, NaN kept (-0 -> +0 or -0: the same bits downstream)
     if EPS_IN_SQRT & FLAGS:
-        denom = _sqrt(var + eps, SQRT_BY8)
-    else:
-        denom = _sqrt(var, SQRT_BY8) + eps
+        var = var + eps
+    n = g
+    if MOMENTUM and (RAW_GRAD_MOMENTUM & FLAGS):  # fastai: a momentum of raw grads, divided after
+        buf = momentum * buf + g
+        n = buf
+    root, q = _root_quotient(var, n, eps, not (EPS_IN_SQRT & FLAGS), SQRT_BY8)  # q = n / denominator
     if MOMENTUM:
-        if RAW_GRAD_MOMENTUM & FLAGS:  # fastai: a momentum of raw grads, divided after
-            buf = momentum * buf + g
-            p = p - lr * tl.div_rn(buf, denom)
+        if RAW_GRAD_MOMENTUM & FLAGS:
+            p = p - lr * q
         elif LR_IN_MOMENTUM & FLAGS:  # TF1 / Keras / optax: the buffer accumulates lr * g / d
-            step = lr * tl.div_rn(g, denom)
+            step = lr * q
             buf = momentum * buf + step
             if NESTEROV & FLAGS:  # optax: lr * g / d + momentum * buf
                 p = p - (step + momentum * buf)
             else:
                 p = p - buf
         else:
-            buf = momentum * buf + tl.div_rn(g, denom)
+            buf = momentum * buf + q
             p = p - lr * buf
     else:
-        p = p - lr * tl.div_rn(g, denom)
-    return p, v, buf, ga
+        p = p - lr * q
+    return p, v, buf, ga, root
 
 
 @triton.jit
@@ -514,11 +567,11 @@ def _update_chunk(
     g0 = _load(g_addr, start, offs, m0, P_DTYPE, FULL_ALIGNED)
     p1 = _load(p_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
     g1 = _load(g_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
-    p0, v0, b0, a0 = _update(p0, g0, v0, b0, a0, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
+    p0, v0, b0, a0, _ = _update(p0, g0, v0, b0, a0, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
                              grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS)
     _store_tile(p0, v0, b0, a0, p_addr, v_addr, b_addr, a_addr, start, offs, m0, key, P_DTYPE, S_DTYPE, MOMENTUM,
                 CENTERED, SR, FULL_ALIGNED, NATIVE_BF16)
-    p1, v1, b1, a1 = _update(p1, g1, v1, b1, a1, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
+    p1, v1, b1, a1, _ = _update(p1, g1, v1, b1, a1, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
                              grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS)
     _store_tile(p1, v1, b1, a1, p_addr, v_addr, b_addr, a_addr, s1, offs, m1, key, P_DTYPE, S_DTYPE, MOMENTUM,
                 CENTERED, SR, FULL_ALIGNED, NATIVE_BF16)
@@ -730,17 +783,19 @@ def _update_q8(
     v = v * v
     if CENTERED:
         v = v + a * a
-    p, v, b, a = _update(p, g, v, b, a, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
-                         grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS, True, SQRT_BY8)
+    p, v, b, a, root = _update(p, g, v, b, a, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
+                               grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS, True, SQRT_BY8)
     if CENTERED:
         v = v - a * a
         v = _max_nan(v, 0.0)
+    if (BIAS_CORRECTION | EPS_IN_SQRT) & FLAGS:  # the update's root is of another value
+        root = _sqrt(v, SQRT_BY8)
     if not FULL_ALIGNED:  # padding past numel encodes as 0 (mask: how many elements of each row are real)
         real = tl.arange(0, 8)[None, :] < left[:, None]
-        v = tl.where(real, v, 0.0)
+        root = tl.where(real, root, 0.0)
         b = tl.where(real, b, 0.0)
         a = tl.where(real, a, 0.0)
-    return p, _sqrt(v, SQRT_BY8), b, a  # the same value as the update's root: computed once
+    return p, root, b, a
 
 
 @triton.jit

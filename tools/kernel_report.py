@@ -209,7 +209,8 @@ def _nvrtc_output(prog, kind: str) -> bytes:
 
 def cuda_report(archs=ARCHS, flag_sets=FLAG_SETS) -> list[dict]:
     """One NVRTC program per arch and flag set holding the 20 entry points the loader would build."""
-    from rmsprop_gpu.backends.cupy_backend import NVRTC_OPTIONS, THREADS, KernelSpec, kernel_source
+    from rmsprop_gpu.abi import threads
+    from rmsprop_gpu.backends.cupy_backend import NVRTC_OPTIONS, KernelSpec, kernel_source
 
     rows = []
     for arch in archs:
@@ -222,7 +223,7 @@ def cuda_report(archs=ARCHS, flag_sets=FLAG_SETS) -> list[dict]:
             ptxas = parse_ptxas(log)
             for spec in specs:
                 rows.append(_row("cupy", spec.name, arch, set_name, spec, entries[spec.name], ptxas[spec.name],
-                                 machine[spec.name], THREADS))
+                                 machine[spec.name], threads(spec.state_dtype)))
     return rows
 
 
@@ -252,8 +253,9 @@ def triton_report(archs=ARCHS, flag_sets=FLAG_SETS) -> list[dict]:
     from rmsprop_gpu.kernels.rmsprop import _rmsprop_kernel
     from triton.backends.compiler import GPUTarget
 
+    from rmsprop_gpu.abi import threads
     from rmsprop_gpu.backends.cupy_backend import KernelSpec
-    from rmsprop_gpu.backends.triton_backend import NUM_WARPS, constexprs, launch_options
+    from rmsprop_gpu.backends.triton_backend import constexprs, launch_options
 
     sig = {"tensors": "*i64", "blocks": "*i64", "hyper_ptrs": "*i64", "hyper_vals": "*fp32",
            "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
@@ -269,8 +271,8 @@ def triton_report(archs=ARCHS, flag_sets=FLAG_SETS) -> list[dict]:
                             fn=_rmsprop_kernel, signature={**sig, **{k: "constexpr" for k in cx}}, constexprs=cx,
                             attrs={(i,): [["tt.divisibility", 16]] for i in pointer_args},
                         )
-                        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                                  options={**launch_options(sd, mom, cen), "enable_fp_fusion": True})
+                        options = {**launch_options(sd, mom, cen, arch), "enable_fp_fusion": True}
+                        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                         ptx = compiled.asm["ptx"]
                         path = Path(tmp) / "k.ptx"
                         path.write_text(ptx)
@@ -282,7 +284,7 @@ def triton_report(archs=ARCHS, flag_sets=FLAG_SETS) -> list[dict]:
                         (fn,) = disassemble(Path(str(path) + ".o").read_bytes()).values()
                         name = f"_rmsprop_kernel[{pd}/{sd}/{layout}/f{flags}]"
                         rows.append(_row("triton", name, arch, set_name, KernelSpec(pd, sd, mom, cen, flags), ptx,
-                                         ptxas, fn, 32 * NUM_WARPS))
+                                         ptxas, fn, threads(sd)))
     return rows
 
 
@@ -423,8 +425,7 @@ def versions() -> dict:
 
 
 def _write_markdown(path: Path, rows: list[dict], vers: list[dict]) -> None:
-    from rmsprop_gpu.backends.cupy_backend import THREADS
-    from rmsprop_gpu.backends.triton_backend import NUM_WARPS
+    from rmsprop_gpu.abi import Q8_THREADS, THREADS
 
     cards = ", ".join(f"{c.name}: {c.sms} SMs at {c.clock_hz / 1e9:.2f} GHz, copy {c.copy_bytes_per_s / 1e12:.1f} TB/s"
                       for c in (sass.H100, sass.H200))
@@ -436,8 +437,9 @@ def _write_markdown(path: Path, rows: list[dict], vers: list[dict]) -> None:
         "# Static kernel report\n\n"
         "No GPU needed: `make report` (`python -m tools.kernel_report`). Toolchains: "
         + "; ".join(str(v) for v in vers) + ".\n\n"
-        f"Each kernel as built at run time: CUDA C {BLOCK // THREADS} elements per thread per chunk ({THREADS} "
-        f"threads), Triton {BLOCK // (32 * NUM_WARPS)} ({NUM_WARPS} warps). `instr_per_elem`: SASS instructions "
+        f"Each kernel as built at run time, both backends: {BLOCK // THREADS} elements per thread per chunk "
+        f"({THREADS} threads, Triton {THREADS // 32} warps), {BLOCK // Q8_THREADS} with 8-bit state ({Q8_THREADS} "
+        f"threads: two quantization blocks each). `instr_per_elem`: SASS instructions "
         "on the full-chunk path (tools/sass.py: entry to exit with every 128-bit store, fewest "
         "instructions, so the IEEE sqrt/division slow paths and the unaligned tail are left out) per element; "
         "`prologue_per_elem`: those before the first data load (table lookups, hyperparameters). "

@@ -33,7 +33,6 @@ from ._tables import (
 )
 from .base import Backend
 
-THREADS = abi.THREADS  # BLOCK / THREADS = 16 elements per thread per chunk
 _SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "uint8": "q8"}  # uint8 state: 8-bit blockwise
 _CTYPE = {"float32": "float", "float16": "f16", "bfloat16": "bf16", "uint8": "q8"}
 _LAYOUT = {(False, False): "plain", (True, False): "momentum", (False, True): "centered",
@@ -254,7 +253,7 @@ class CupyBackend(Backend):
         if not self.launch_stubbed:
             with self._device(group):  # CuPy loads modules and launches on its current device: the group's
                 fn = self.kernel(group.device, spec)
-                fn((launch.n_blocks,), (THREADS,), args, stream=self._stream(group))
+                fn((launch.n_blocks,), (abi.threads(group.state_dtype),), args, stream=self._stream(group))
         self.launches += 1
         launch.after(group, hypers[0].found_inf)
 

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from .. import abi
 from .._contract import Group, Hyper
 from ._tables import (
     BLOCK,
@@ -29,14 +30,7 @@ from .base import Backend
 # 128 threads x 16 elements = BLOCK: 128-bit accesses, and the per-chunk set-up spread over 16 elements. The
 # kernel then holds 92-250 registers (8-16 resident warps per SM, >= 40 KiB of loads in flight per SM); capping
 # them all (maxnreg=128) spills, as the static report shows.
-NUM_WARPS = 4
-# 8-bit state with momentum or grad_avg (centered): left alone, ptxas gives some of these variants 150-192 registers
-# (8-12 warps: too few bytes in flight) or squeezes them into 128 or 168 with a spill; capped at 168 (maxnreg) they
-# run 12 warps without spilling (issue 27, static report, Triton 3.6 and 3.9). Centered alone was capped at 128 (16
-# warps): with 16-bit params and stochastic rounding ptxas then moved the chunk's addresses through uniform
-# registers, about 2 instructions per element more than at 168 (slack 2.16 -> 1.62, still above 1.2). Plain fits
-# 128 on its own.
-Q8_MAX_REGISTERS = {(False, False): None, (True, False): 168, (False, True): 168, (True, True): 168}
+NUM_WARPS = abi.THREADS // 32
 
 
 def interpreting() -> bool:
@@ -56,12 +50,28 @@ def constexprs(param_dtype: str, state_dtype: str, flags: int, momentum: bool, c
                 BLOCK=BLOCK)
 
 
+# 8-bit state: 2 warps (rmsprop_gpu/abi.py: threads), each thread two quantization blocks (rows r and r + 64 of the
+# chunk's [128, 8] halves), every load of both issued before the first use. ptxas then takes up to 255 registers
+# (8 warps per SM, twice the bytes in flight per thread of 4 warps at 168); capped at 168 (12 warps) it spills.
+# Centered alone before sm_90 is capped at 200 (10 warps): at 8, ptxas for sm_80 issues its last loads after the
+# first wait (slack 1.08 with fp16 params); sm_90's ptxas spills at 200 and needs no cap (static report).
+Q8_CENTERED_MAX_REGISTERS_BEFORE_SM90 = 200
+
+
 @functools.cache
-def launch_options(state_dtype: str, momentum: bool, centered: bool) -> dict:
-    """Triton's options for one variant (cached; callers must not modify the dict)."""
+def launch_options(state_dtype: str, momentum: bool, centered: bool, arch: int = 90) -> dict:
+    """Triton's options for one variant on compute capability `arch` (major * 10 + minor; cached, callers must not
+    modify the dict)."""
     if state_dtype == "uint8":
-        return {"num_warps": NUM_WARPS, "maxnreg": Q8_MAX_REGISTERS[momentum, centered]}
+        cap = Q8_CENTERED_MAX_REGISTERS_BEFORE_SM90 if centered and not momentum and arch < 90 else None
+        return {"num_warps": abi.Q8_THREADS // 32, "maxnreg": cap}
     return {"num_warps": NUM_WARPS}
+
+
+@functools.cache
+def device_arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 class TritonBackend(Backend):
@@ -124,12 +134,14 @@ class TritonBackend(Backend):
         if not self.launch_stubbed:
             key = (group.param_dtype, group.state_dtype, flags, cx["MOMENTUM"], cx["CENTERED"])
             t0 = time.perf_counter() if key not in self.first_launch_seconds else None
-            with torch.cuda.device(group.device) if group.device.type == "cuda" else contextlib.nullcontext():
+            cuda = group.device.type == "cuda"
+            arch = device_arch(group.device) if cuda else 90
+            with torch.cuda.device(group.device) if cuda else contextlib.nullcontext():
                 self.kernel()[(launch.n_blocks,)](
                     launch.tensors, launch.blocks, launch.hyper.buffer, launch.hyper.floats,
                     grad_scale if grad_scale is not None else dummy,
                     found_inf if found_inf is not None else dummy,
-                    **cx, **launch_options(group.state_dtype, cx["MOMENTUM"], cx["CENTERED"]),
+                    **cx, **launch_options(group.state_dtype, cx["MOMENTUM"], cx["CENTERED"], arch),
                 )
             if t0 is not None:
                 self.first_launch_seconds[key] = time.perf_counter() - t0

@@ -1,0 +1,174 @@
+"""The 8-bit chunk's grouped fast paths for sqrt.rn and div.rn (kernels/rmsprop.cu: sqrt_rn_all, div_rn_all;
+kernels/rmsprop.py: _root_quotient8_asm) give the correctly rounded results in the range their test admits.
+
+No GPU runs them here (the CPU build of the CUDA C divides on the host, the interpreter takes Triton's sqrt_rn and
+div_rn), so this file runs the kernels' own PTX text with exact arithmetic: each rounding is done on rationals and
+the results must equal the exactly rounded root and quotient. rsqrt.approx is taken anywhere within an ulp of the
+exact value (its documented bound): the root's correction absorbs that. The division's sequence is the one ptxas
+emits for each div.rn.f32 (after its FCHK range check): with a reciprocal an ulp off it can miss (1 / (2 - 2^-23)
+when rcp gives 0.5), so it relies on the hardware's rcp.approx being better where that matters, as ptxas's own
+div.rn does; here rcp.approx is taken correctly rounded. The range tests are checked at their boundaries."""
+
+import math
+import random
+import re
+from fractions import Fraction as Q
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rmsprop_gpu.kernels import rmsprop as triton_kernel
+from rmsprop_gpu.kernels.rmsprop import _root_quotient8_asm
+
+CU = Path(triton_kernel.__file__).with_name("rmsprop.cu")
+
+
+def rn32(x: Q) -> float:
+    """x rounded to the nearest float32, ties to even (subnormals included; the fast paths never overflow)."""
+    if x == 0:
+        return 0.0
+    a = abs(x)
+    e = a.numerator.bit_length() - a.denominator.bit_length()
+    while a >= Q(2) ** (e + 1):
+        e += 1
+    while a < Q(2) ** e:
+        e -= 1
+    e = max(e, -126)  # below: the subnormals' spacing, 2^-149
+    assert e <= 127, "overflow"
+    scaled = a / Q(2) ** (e - 23)
+    m, rest = divmod(scaled.numerator, scaled.denominator)
+    if 2 * rest > scaled.denominator or (2 * rest == scaled.denominator and m % 2):
+        m += 1
+    return math.copysign(math.ldexp(m, e - 23), x)
+
+
+def ulps(x: float, k: int) -> float:
+    y = np.float32(x)
+    for _ in range(abs(k)):
+        y = np.nextafter(y, np.float32(np.inf if k > 0 else 0))
+    return float(y)
+
+
+def rn_sqrt(x: float) -> float:
+    c = float(np.float32(math.sqrt(x)))
+    return min((ulps(c, k) for k in (-1, 0, 1)), key=lambda r: abs(Q(r) ** 2 - Q(x)))
+
+
+def run_ptx(lines: list[str], regs: dict, rcp_ulps: int, rsqrt_ulps: int) -> dict:
+    """The fast paths' instructions on float32 values, each rounding exact."""
+    def val(op):
+        op = op.strip()
+        if op.startswith("0f"):
+            return float(np.frombuffer(bytes.fromhex(op[2:])[::-1], np.float32)[0])
+        return regs[op]
+
+    for line in lines:
+        m = re.match(r"([\w.]+)\s+(.*?);?$", line.strip())
+        if not m:
+            continue
+        op, args = m.group(1), [a.strip() for a in m.group(2).rstrip(";").split(",")]
+        src = [val(a) for a in args[1:]]
+        if op == "rcp.approx.ftz.f32":
+            out = ulps(rn32(1 / Q(src[0])), rcp_ulps)
+        elif op == "rsqrt.approx.ftz.f32":
+            out = ulps(float(np.float32(1 / math.sqrt(src[0]))), rsqrt_ulps)
+        elif op == "neg.f32":
+            out = -src[0]
+        elif op in ("mul.f32", "mul.rn.f32"):
+            out = rn32(Q(src[0]) * Q(src[1]))
+        elif op == "add.rn.f32":
+            out = rn32(Q(src[0]) + Q(src[1]))
+        elif op == "fma.rn.f32":
+            out = rn32(Q(src[0]) * Q(src[1]) + Q(src[2]))
+        elif op == "mov.b32":
+            out = src[0]
+        else:
+            raise AssertionError(f"not a fast-path instruction: {line}")
+        regs[args[0]] = out
+    return regs
+
+
+def cuda_division() -> list[str]:
+    """div_rn_fast's asm text from kernels/rmsprop.cu."""
+    body = CU.read_text().split("float div_rn_fast(float n, float d)")[1].split("#else")[0]
+    text = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body.split("asm(")[1].split(":")[0]))
+    return [s for s in text.replace("\\n", "\n").replace("\\t", "").splitlines() if s and "{" not in s
+            and "}" not in s and not s.startswith(".reg")]
+
+
+def triton_fast_path(add_eps: bool) -> list[str]:
+    """The fast branch of _root_quotient8_asm for the first of its 8 values ($0 root, $8 quotient)."""
+    asm = _root_quotient8_asm(add_eps)
+    fast = asm.split("bra ROOTQ_SLOW_${:uid};\n")[1].split("bra.uni")[0].splitlines()
+    return fast[:fast.index(next(s for s in fast if s.startswith("fma.rn.f32 $8,"))) + 1]
+
+
+def loguniform(rng, lo, hi):
+    return float(np.float32(math.ldexp(1 + rng.getrandbits(23) / 2**23, rng.randint(lo, hi))))
+
+
+RSQRT_ULPS = (-1, 0, 1)  # the root estimate off by up to an ulp either way (the reciprocal's: see above)
+
+
+def test_the_cuda_division_is_correctly_rounded_in_its_range():
+    lines = cuda_division()
+    assert any("rcp.approx" in s for s in lines) and len(lines) >= 6
+    rng = random.Random(0)
+    # the range: d in [2^-51, 1.5 * 2^64] (a root of at most 2^64 plus an eps of at most 2^63), n in
+    # +-[2^-60, 2^60], the ends included
+    d_max = math.ldexp(1.5, 64)
+    cases = [(math.ldexp(1, -60), d_max), (math.ldexp(1, 60), math.ldexp(1, -51)), (-math.ldexp(1, 60), d_max),
+             (math.ldexp(1, -60), math.ldexp(1, -51))]
+    for _ in range(1500):
+        n = loguniform(rng, -60, 59) * rng.choice((-1, 1))
+        d = loguniform(rng, -51, 63)
+        if rng.random() < 0.3:  # mantissas of all ones, where the reciprocal's rounding is tightest
+            d = float(np.float32(math.ldexp(2 - 2**-23 * rng.randint(1, 4), rng.randint(-51, 63))))
+        if rng.random() < 0.2:
+            n = math.copysign(math.ldexp(1, rng.randint(-60, 60)), n)
+        cases.append((n, d))
+    for n, d in cases:
+        assert run_ptx(lines, {"%1": n, "%2": d}, 0, 0)["%0"] == rn32(Q(n) / Q(d)), (n, d)
+
+
+@pytest.mark.parametrize("add_eps", [True, False])
+def test_the_triton_root_and_quotient_are_correctly_rounded_in_their_range(add_eps):
+    lines = triton_fast_path(add_eps)
+    rng = random.Random(1)
+    for i in range(400):
+        x = loguniform(rng, -101, 127) if i else math.ldexp(1, -101)
+        if i % 3 == 1:  # mantissas of all ones
+            x = float(np.float32(math.ldexp(2 - 2**-23 * rng.randint(1, 4), rng.randint(-101, 127))))
+        n = loguniform(rng, -60, 59) * rng.choice((-1, 1))
+        eps = rng.choice((0.0, 1e-8, 1e-3, 1.0, math.ldexp(1, 63))) if add_eps else 0.0
+        root = rn_sqrt(x)
+        d = rn32(Q(root) + Q(eps)) if add_eps else root
+        want = rn32(Q(n) / Q(d))
+        for s in RSQRT_ULPS:
+            regs = run_ptx(lines, {"$16": x, "$24": n, "$32": eps}, 0, s)
+            assert (regs["$0"], regs["$8"]) == (root, want), (x, n, eps, s)
+
+
+def bits(x: float) -> int:
+    return int(np.float32(x).view(np.uint32))
+
+
+@pytest.mark.parametrize("add_eps", [True, False])
+def test_the_range_tests_admit_exactly_the_fast_paths_range(add_eps):
+    """CUDA C: 2|n| bits - c > r means slow (div_rn_all); Triton: the same by mad.lo and one max, the roots' by
+    sub and max (as sqrt_rn_all), eps by its bits."""
+    cu = CU.read_text()
+    c, r = (int(v, 16) for v in re.search(r"\* 2u - (0x[0-9A-F]+)u > (0x[0-9A-F]+)u", cu).groups())
+    asm = _root_quotient8_asm(add_eps)
+    t_add = int(re.search(r"mad\.lo\.u32 w, \$24, 2, (0x[0-9A-F]+)", asm).group(1), 16)
+    t_r = int(re.search(r"setp\.gt\.u32 bad, w, (0x[0-9A-F]+)", asm).group(1), 16)
+    eps_max = int(re.search(r"setp\.gt\.u32 bad, \$32, (0x[0-9A-F]+)", asm).group(1), 16)
+    lo, hi = math.ldexp(1, -60), math.ldexp(1, 60)
+    for n in (0.0, -0.0, lo, -lo, hi, -hi, float(np.nextafter(np.float32(lo), 0)), float(np.nextafter(np.float32(hi),
+              np.float32(np.inf))), 1.0, -3.5, float("inf"), float("nan"), 1e-40):
+        fast = lo <= abs(n) <= hi
+        assert ((bits(n) * 2 - c) % 2**32 <= r) == fast, n
+        assert ((bits(n) * 2 + t_add) % 2**32 <= t_r) == fast, n
+    for eps in (0.0, 1e-8, math.ldexp(1, 63), float(np.nextafter(np.float32(2.0**63), np.float32(np.inf))), -0.0,
+                -1e-8, float("nan"), float("inf")):
+        assert (bits(eps) <= eps_max) == (eps >= 0 and eps <= 2.0**63 and math.copysign(1, eps) > 0), eps
