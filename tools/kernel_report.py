@@ -92,9 +92,11 @@ def ptx_traffic(ptx: str, elems_per_thread: int) -> dict:
     return {
         "vector_bits": 8 * max(loads + stores, default=0),
         "local_memory_ops": len(_LOCAL.findall(ptx)),
-        # flush-to-zero arithmetic: torch keeps subnormals. Not counted: rsqrt.approx.ftz, the first step of the
-        # .cu's sqrt_rn_fast, as in ptxas's own sqrt.rn, for inputs tested to be normal (so are its outputs)
-        "ftz_ops": len(re.findall(r"\.ftz\b", ptx)) - ptx.count("rsqrt.approx.ftz.f32"),
+        # flush-to-zero arithmetic: torch keeps subnormals. Not counted: rsqrt.approx.ftz and rcp.approx.ftz, the
+        # first steps of the 8-bit chunk's sqrt_rn_fast and div_rn_fast, as in ptxas's own sqrt.rn and div.rn, for
+        # inputs tested to be normal (so are their outputs)
+        "ftz_ops": len(re.findall(r"\.ftz\b", ptx)) - ptx.count("rsqrt.approx.ftz.f32")
+        - ptx.count("rcp.approx.ftz.f32"),
     }
 
 
