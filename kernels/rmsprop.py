@@ -341,10 +341,23 @@ def _hash_base(key, first):
 
 
 @triton.jit
-def _hash_pre(base, low):
-    """mix32 of base ^ low but its last xorshift (base [R], low [N] -> [R, N]): the hash's high 16 bits are
-    pre >> 16, its low 16 bits (pre ^ pre >> 16) & 0xFFFF."""
-    x = (base[:, None] ^ low[None, :]) * 0x7FEB352D
+def _flip(base, BIT: tl.constexpr):
+    """(base ^ 2^BIT) - base: +2^BIT or -2^BIT (mod 2^32), times mix32's first multiplier."""
+    return ((1 << BIT) - 2 * (base & (1 << BIT))) * 0x7FEB352D
+
+
+@triton.jit
+def _hash_pre(base, OFF: tl.constexpr):
+    """mix32 of base ^ (2c + OFF) but its last xorshift, for the 8 columns c of a half (base [R] -> [R, 8]; OFF < 32
+    with bits 1-3 clear): the hash's high 16 bits are pre >> 16, its low 16 bits (pre ^ pre >> 16) & 0xFFFF.
+    Flipping distinct bits of base adds +-2^bit for each (mod 2^32), so (base ^ (2c + OFF)) * M is
+    (base ^ OFF) * M plus a per-row flip for each bit of c: an add per column where an xor and a multiply were
+    two, the same bits (kernels/rmsprop.cu: HashGroup::pre16)."""
+    c = tl.arange(0, 8)
+    x = ((base ^ OFF) * 0x7FEB352D)[:, None]
+    x = x + tl.where((c & 1) != 0, _flip(base, 1)[:, None], 0)
+    x = x + tl.where((c & 2) != 0, _flip(base, 2)[:, None], 0)
+    x = x + tl.where((c & 4) != 0, _flip(base, 3)[:, None], 0)
     x = x ^ (x >> 15)
     return x * 0x846CA68B
 
@@ -637,7 +650,6 @@ def _update_chunk_q8(
     scale bytes."""
     ROWS: tl.constexpr = ELEMS // 16
     rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, 8)
     n16 = (numel + 15) // 16 * 16
     left = numel - start - rows * 16  # per block: its real elements (16 or more: all)
     block = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
@@ -687,8 +699,8 @@ def _update_chunk_q8(
     # random bits (kernels/rmsprop.cu: q8_chunk): pair 0 for p (low half, with SR) and square_avg's codes (high),
     # pair 1 for momentum_buffer (low) and grad_avg (high)
     base = _hash_base(key, start + rows * 16)
-    pre0_lo = _hash_pre(base, 2 * cols.to(tl.uint32))
-    pre0_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 16)
+    pre0_lo = _hash_pre(base, 0)
+    pre0_hi = _hash_pre(base, 16)
     sv, fv, kv = _q8_scale(v_lo, v_hi)
     sb, fb, kb, sa, fa, ka = sv, fv, kv, sv, fv, kv
     if MOMENTUM:
@@ -719,15 +731,15 @@ def _update_chunk_q8(
         else:  # bf16: p's short path needs no NaN (the key's minimum is NaN then); the codes' needs no block's -1
             short = ok >= 0.0
         if short:
-            _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, left, base,
+            _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, block, c_all, left, base,
                             pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi, fv, kv, fb, kb, fa, ka,
                             P_DTYPE, MOMENTUM, CENTERED, SR, FULL_ALIGNED, NATIVE_BF16, True, True)
         else:
-            _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, left, base,
+            _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, block, c_all, left, base,
                             pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi, fv, kv, fb, kb, fa, ka,
                             P_DTYPE, MOMENTUM, CENTERED, SR, FULL_ALIGNED, NATIVE_BF16, False, False)
     else:
-        _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, left, base, pre0_lo,
+        _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, block, c_all, left, base, pre0_lo,
                         pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi, fv, kv, fb, kb, fa, ka,
                         P_DTYPE, MOMENTUM, CENTERED, SR, FULL_ALIGNED, NATIVE_BF16, False, False)
 
@@ -739,7 +751,7 @@ def _q8_one_mul(s):
 
 
 @triton.jit
-def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_all, left, base,
+def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, block, c_all, left, base,
                     pre0_lo, pre0_hi, p_lo, p_hi, v_lo, v_hi, b_lo, b_hi, a_lo, a_hi, fv, kv, fb, kb, fa, ka,
                     P_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, SR: tl.constexpr,
                     FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, ONE_MUL: tl.constexpr,
@@ -749,8 +761,8 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, cols, block, c_
     _q8_store(v_addr, start, block, c_all, v_lo, v_hi, fv, kv, pre0_lo, pre0_hi, False, False, FULL_ALIGNED, ONE_MUL)
     pre1_lo, pre1_hi = pre0_lo, pre0_hi  # (after square_avg's codes: fewer values live)
     if MOMENTUM or CENTERED:
-        pre1_lo = _hash_pre(base, 2 * cols.to(tl.uint32) + 1)
-        pre1_hi = _hash_pre(base, 2 * cols.to(tl.uint32) + 17)
+        pre1_lo = _hash_pre(base, 1)
+        pre1_hi = _hash_pre(base, 17)
     if MOMENTUM:
         _q8_store(b_addr, start, block, c_all, b_lo, b_hi, fb, kb, pre1_lo, pre1_hi, True, True, FULL_ALIGNED,
                   ONE_MUL, tl.float32 != P_DTYPE)
