@@ -68,15 +68,20 @@ _FMA_IN_FLOAT64: tl.constexpr = tl.constexpr(_interpreter_fma_rounds_twice())
 _INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+def _sqrt_fast_ptx(out: str, x: str) -> str:
+    """The fast path ptxas emits for sqrt.rn.f32 (kernels/rmsprop.cu: sqrt_rn_fast), for x in [2^-101, the largest
+    float]: rsqrt, then one FMA correction (registers r, s, h, e)."""
+    return (f"rsqrt.approx.ftz.f32 r, {x};\nmul.f32 s, {x}, r;\nmul.f32 h, r, 0f3F000000;\nneg.f32 e, s;\n"
+            f"fma.rn.f32 e, e, s, {x};\nfma.rn.f32 {out}, e, h, s;\n")
+
+
 def _sqrt8_asm() -> str:
     """PTX for sqrt.rn of a thread's 8 values ($8..$15 -> $0..$7, as bits) with one range test and branch: for x
     in [2^-101, the largest float] the fast path ptxas emits for each sqrt.rn.f32 (kernels/rmsprop.cu:
     sqrt_rn_fast, sqrt_rn_all), else sqrt.rn for all 8."""
     test = "sub.u32 m, $8, 0x0D000000;\n" + "".join(
         f"sub.u32 u, ${8 + k}, 0x0D000000;\nmax.u32 m, m, u;\n" for k in range(1, 8))
-    fast = "".join(
-        f"rsqrt.approx.ftz.f32 r, ${8 + k};\nmul.f32 s, ${8 + k}, r;\nmul.f32 h, r, 0f3F000000;\nneg.f32 e, s;\n"
-        f"fma.rn.f32 e, e, s, ${8 + k};\nfma.rn.f32 ${k}, e, h, s;\n" for k in range(8))
+    fast = "".join(_sqrt_fast_ptx(f"${k}", f"${8 + k}") for k in range(8))
     slow = "".join(f"sqrt.rn.f32 ${k}, ${8 + k};\n" for k in range(8))
     return ("{\n.reg .pred slow;\n.reg .b32 m, u, r, s, h, e;\n" + test + "setp.gt.u32 slow, m, 0x727FFFFF;\n"
             "@slow bra SQRT_SLOW_${:uid};\n" + fast + "bra.uni SQRT_DONE_${:uid};\nSQRT_SLOW_${:uid}:\n" + slow
@@ -98,8 +103,7 @@ def _root_quotient8_asm(add_eps: bool) -> str:
         "setp.gt.u32 bad, $32, 0x5F000000;\nor.pred slow, slow, bad;\n")
     denom = (lambda k: f"add.rn.f32 d, ${k}, $32;\n") if add_eps else (lambda k: f"mov.b32 d, ${k};\n")
     fast = "".join(
-        f"rsqrt.approx.ftz.f32 r, ${16 + k};\nmul.f32 s, ${16 + k}, r;\nmul.f32 h, r, 0f3F000000;\nneg.f32 e, s;\n"
-        f"fma.rn.f32 e, e, s, ${16 + k};\nfma.rn.f32 ${k}, e, h, s;\n" + denom(k)
+        _sqrt_fast_ptx(f"${k}", f"${16 + k}") + denom(k)
         + f"rcp.approx.ftz.f32 r, d;\nneg.f32 t, d;\nfma.rn.f32 e, t, r, 0f3F800000;\nfma.rn.f32 r, r, e, r;\n"
         f"mul.rn.f32 y, ${24 + k}, r;\nfma.rn.f32 e, t, y, ${24 + k};\nfma.rn.f32 ${8 + k}, e, r, y;\n"
         for k in range(8))
@@ -580,12 +584,12 @@ def _update_chunk(
     g0 = _load(g_addr, start, offs, m0, P_DTYPE, FULL_ALIGNED)
     p1 = _load(p_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
     g1 = _load(g_addr, s1, offs, m1, P_DTYPE, FULL_ALIGNED)
-    p0, v0, b0, a0, _ = _update(p0, g0, v0, b0, a0, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
-                             grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS)
+    p0, v0, b0, a0, _ = _update(p0, g0, v0, b0, a0, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                                sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS)
     _store_tile(p0, v0, b0, a0, p_addr, v_addr, b_addr, a_addr, start, offs, m0, key, P_DTYPE, S_DTYPE, MOMENTUM,
                 CENTERED, SR, FULL_ALIGNED, NATIVE_BF16)
-    p1, v1, b1, a1, _ = _update(p1, g1, v1, b1, a1, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
-                             grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS)
+    p1, v1, b1, a1, _ = _update(p1, g1, v1, b1, a1, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                                sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS)
     _store_tile(p1, v1, b1, a1, p_addr, v_addr, b_addr, a_addr, s1, offs, m1, key, P_DTYPE, S_DTYPE, MOMENTUM,
                 CENTERED, SR, FULL_ALIGNED, NATIVE_BF16)
 
