@@ -169,10 +169,17 @@ __device__ __forceinline__ u32 mix32(u32 x) {  // "lowbias32" integer hash
   x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
   return x;
 }
+// Out of line on the GPU: a branch around a call, where inlined ptxas predicates the rare path's instructions and
+// every launch issues them.
+#ifdef __CUDA_ARCH__
+__device__ __noinline__ u32 mix32_rare(u32 x) { return mix32(x); }
+#else
+inline u32 mix32_rare(u32 x) { return mix32(x); }
+#endif
 __device__ __forceinline__ u32 stream_key(u32 seed, long long step, u32 stream) {
   const u32 key = mix32(seed ^ mix32((u32)step + 0x9E3779B9u * (stream + 1u)));
   const u32 hi = (u32)(step >> 32);  // past 2**32 steps (float64 counters): other streams, never a repeat
-  return hi ? mix32(key ^ hi) : key;
+  return hi ? mix32_rare(key ^ hi) : key;
 }
 __device__ __forceinline__ u32 pair_bits(u32 key, i64 index, u32 pair) { return mix32(key ^ ((u32)index * 2u + pair)); }
 // The hashes of an aligned group, elements i .. i + n - 1 with i a multiple of n (n = 16 or a packet): for
@@ -359,31 +366,53 @@ __device__ __forceinline__ u32 q8_block_scale(const float (&x)[16]) {
 }
 // Codes round stochastically: 16 random bits r added at the top of the dropped field (unsigned: 19 bits, signed:
 // 20), an average that moves by less than half a code per step (v decaying by alpha) still moves in expectation;
-// round to nearest would freeze it. `noise` is r << SH (SH = 3 unsigned, 4 signed) with anything in its low SH
-// bits: those of the magnitude are cleared first, so whatever is there carries into nothing.
+// round to nearest would freeze it. (|y|'s bits + (r << SH)) >> (16 + SH) is ((|y|'s bits >> SH) + r) >> 16 (SH =
+// 3 unsigned, 4 signed; nothing carries out of the dropped SH bits): the code is the high half of that sum, whose
+// byte 2 a prmt packs, once saturated (3 or 4 mantissa bits).
 // ONE_MUL: f = 2^(15 - s), else f = 2^(127 - s) and a second multiply by 2^-112 (see q8_store).
 template <bool SIGNED, bool ONE_MUL>
-__device__ __forceinline__ u32 q8_code(float x, float f, u32 noise, u32& yb) {
-  constexpr u32 LOW = SIGNED ? 0xFu : 0x7u;
-  yb = __float_as_uint(ONE_MUL ? x * f : (x * f) * Q8_TWO_M112);
-  const u32 c = ((yb & (0x7FFFFFFFu & ~LOW)) + noise) >> (SIGNED ? 20 : 19);
-  return c > (SIGNED ? 127u : 255u) ? (SIGNED ? 127u : 255u) : c;  // saturate (3 or 4 mantissa bits)
+__device__ __forceinline__ u32 q8_sum(float x, float f, u32 r) {
+  const float y = ONE_MUL ? fabsf(x) * f : (fabsf(x) * f) * Q8_TWO_M112;  // |x * f|: the multiply's |.| is free
+  return r + (__float_as_uint(y) >> (SIGNED ? 4 : 3));
 }
-// Four codes in a word (byte k: element k); signed: the sign of each scaled value on top (bit 7 of its byte)
+// sm_90 saturates two codes with one min.u16x2; the CPU build takes that path too with -DRMSPROP_Q8_PAIR_MIN
+// (tests/test_state_bits.py), else the other
+#if defined(__CUDA_ARCH__) ? __CUDA_ARCH__ >= 900 : defined(RMSPROP_Q8_PAIR_MIN)
+#define Q8_PAIR_MIN 1
+#else
+#define Q8_PAIR_MIN 0
+#endif
+__device__ __forceinline__ u32 min_u16x2(u32 a, u32 b) {
+#ifdef __CUDA_ARCH__
+  u32 r;
+  asm("min.u16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  const u32 lo = (a & 0xFFFFu) < (b & 0xFFFFu) ? a & 0xFFFFu : b & 0xFFFFu;
+  return (a >> 16 < b >> 16 ? a >> 16 : b >> 16) << 16 | lo;
+#endif
+}
+// Four codes in a word (byte k: element k); signed: the sign of each value on top (bit 7 of its byte)
 template <bool SIGNED, bool ONE_MUL>
-__device__ __forceinline__ u32 q8_encode4(const float* x, float f, const u32* noise) {
-  u32 yb[4], c[4];
+__device__ __forceinline__ u32 q8_encode4(const float* x, float f, const u32* r) {
+  constexpr u32 MAX = SIGNED ? 127u : 255u;
+  u32 s[4];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) c[k] = q8_code<SIGNED, ONE_MUL>(x[k], f, noise[k], yb[k]);
-  const u32 w = prmt(prmt(c[0], c[1], 0x0040u), prmt(c[2], c[3], 0x0040u), 0x5410u);
+  for (int k = 0; k < 4; ++k) s[k] = q8_sum<SIGNED, ONE_MUL>(x[k], f, r[k]);
+  u32 w;
+  if (Q8_PAIR_MIN) {  // the high halves of two sums in one register, saturated together
+    const u32 lo = min_u16x2(prmt(s[0], s[1], 0x7632u), MAX * 0x10001u);
+    const u32 hi = min_u16x2(prmt(s[2], s[3], 0x7632u), MAX * 0x10001u);
+    w = prmt(lo, hi, 0x6420u);
+  } else {  // each sum saturated, then byte 2 of each
+#pragma unroll
+    for (int k = 0; k < 4; ++k) s[k] = s[k] < (MAX << 16 | 0xFFFFu) ? s[k] : MAX << 16 | 0xFFFFu;  // a min
+    w = prmt(prmt(s[0], s[1], 0x0062u), prmt(s[2], s[3], 0x0062u), 0x5410u);
+  }
   if (!SIGNED) return w;
-  const u32 signs = prmt(prmt(yb[0], yb[1], 0x00FBu), prmt(yb[2], yb[3], 0x00FBu), 0x5410u);  // 0xFF or 0 per byte
+  const u32 b[4] = {__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]), __float_as_uint(x[3])};
+  const u32 signs = prmt(prmt(b[0], b[1], 0x00FBu), prmt(b[2], b[3], 0x00FBu), 0x5410u);  // 0xFF or 0 per byte
   return w | (signs & 0x80808080u);
-}
-// The random bits of a code in its place: from a hash's high half (hi16) or low half (lo16), given its pre().
-template <int SH> __device__ __forceinline__ u32 noise_hi(u32 pre) { return pre >> (16 - SH); }  // junk below SH
-template <int SH> __device__ __forceinline__ u32 noise_lo(u32 pre) {  // junk below SH too: adds with one LEA.HI
-  return ((pre << 16) ^ pre) >> (16 - SH);
 }
 // One thread's block of 16 as loaded: its codes (one 128-bit access on the full path) and its scale byte. Loaded
 // raw, decoded later, so that every load of the chunk is issued before the first wait.
@@ -413,14 +442,14 @@ template <bool SIGNED> __device__ __forceinline__ void q8_decode_block(const Q8R
 __device__ __forceinline__ bool q8_one_mul(u32 s) { return s - 165u > 89u; }  // s <= 164 or 255 (codes masked)
 template <bool SIGNED, bool FULL, bool ONE_MUL>
 __device__ __forceinline__ void q8_store(unsigned char* q, i64 n16, i64 i, const float (&x)[16], u32 s,
-                                         const u32 (&noise)[16]) {
+                                         const u32 (&r)[16]) {
   // a block that held inf/NaN: codes 0 (scale 255). Masked, not tested: every path through the code encodes
   const u32 keep = ((s + 1u) >> 8) - 1u;  // 0 for s = 255, else all ones
   const float inv = __uint_as_float((254u - s) << 23);  // 2^(127 - s)
   const float f = ONE_MUL ? inv * Q8_TWO_M112 : inv;   // 2^(15 - s), exact while s <= 164
   u32 w[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) w[j] = q8_encode4<SIGNED, ONE_MUL>(x + 4 * j, f, noise + 4 * j) & keep;
+  for (int j = 0; j < 4; ++j) w[j] = q8_encode4<SIGNED, ONE_MUL>(x + 4 * j, f, r + 4 * j) & keep;
   if (FULL) {
     uint4 r;
     r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
@@ -581,24 +610,24 @@ template <int N> __device__ __forceinline__ void div_rn_all(const float* n, cons
 constexpr int SQRT_GROUP = 8;
 
 // The three states' codes: square_avg from the high half of pair 0, momentum_buffer the low and grad_avg the high
-// half of pair 1 (pre: the hashes before their last xorshift).
+// half of pair 1 (pre: the hashes before their last xorshift; a low half reuses its high half's shift).
 template <bool MOMENTUM, bool CENTERED, bool FULL, bool ONE_MUL>
 __device__ __forceinline__ void q8_store_all(unsigned char* v, unsigned char* b, unsigned char* a, i64 n16, i64 i,
                                              const float (&root)[16], const float (&bv)[16], const float (&av)[16],
                                              u32 sv, u32 sb, u32 sa, const u32 (&pre1)[16], const u32 (&pre0)[16]) {
-  u32 noise[16];
+  u32 r[16];
 #pragma unroll
-  for (int k = 0; k < 16; ++k) noise[k] = noise_hi<3>(pre0[k]);
-  q8_store<false, FULL, ONE_MUL>(v, n16, i, root, sv, noise);
+  for (int k = 0; k < 16; ++k) r[k] = hi16(pre0[k]);
+  q8_store<false, FULL, ONE_MUL>(v, n16, i, root, sv, r);
   if (MOMENTUM) {
 #pragma unroll
-    for (int k = 0; k < 16; ++k) noise[k] = noise_lo<4>(pre1[k]);
-    q8_store<true, FULL, ONE_MUL>(b, n16, i, bv, sb, noise);
+    for (int k = 0; k < 16; ++k) r[k] = lo16(pre1[k]);
+    q8_store<true, FULL, ONE_MUL>(b, n16, i, bv, sb, r);
   }
   if (CENTERED) {
 #pragma unroll
-    for (int k = 0; k < 16; ++k) noise[k] = noise_hi<4>(pre1[k]);
-    q8_store<true, FULL, ONE_MUL>(a, n16, i, av, sa, noise);
+    for (int k = 0; k < 16; ++k) r[k] = hi16(pre1[k]);
+    q8_store<true, FULL, ONE_MUL>(a, n16, i, av, sa, r);
   }
 }
 

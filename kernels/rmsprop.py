@@ -310,8 +310,9 @@ def _q8_scale(lo, hi):
 def _q8_words(x, f, keep, noise, SIGNED: tl.constexpr, ONE_MUL: tl.constexpr, BY_PRMT: tl.constexpr):
     """float32 [R, 8] -> codes as little-endian words [R, 2] (4 per word), rounded stochastically: noise is 16
     random bits at the top of the dropped field (r << 3 unsigned, r << 4 signed) with anything below, where the
-    magnitude's bits are cleared first. The NaN-block mask (keep) goes on whole words. The codes are read from
-    y = x * 2^(15 - s) rounded once (kernels/rmsprop.cu: q8_code), f = 2^(127 - s) per block: x * f (exact) then
+    magnitude's bits are cleared first (kernels/rmsprop.cu: q8_sum, the same codes: it adds r to the magnitude's
+    bits >> SH). The NaN-block mask (keep) goes on whole words. The codes are read from
+    y = x * 2^(15 - s) rounded once, f = 2^(127 - s) per block: x * f (exact) then
     * 2^-112, or (ONE_MUL: every block's s <= 164 or 255, _q8_one_mul) x * (f * 2^-112), one multiply per code.
     BY_PRMT: signs packed by prmt (16-bit params; with fp32 params ptxas then spills 8 bytes in the centered
     variant on sm_80, which is within the budget either way)."""

@@ -195,36 +195,75 @@ def test_both_kernels_and_the_torch_path_write_the_same_bytes(dtype):
         assert (a.double() - b.double()).abs().max() <= 3 * 0.01
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "stochastic"])
-def test_both_kernels_write_the_same_bytes_over_every_binade(dtype, variant, sr):
-    """States and grads over ~170 binades (subnormals, zeros, a NaN and an inf block), params down to f16's
-    subnormals and below: every code, scale byte and (stochastically) rounded param of the two kernels agrees."""
-    if sr and dtype == "float32":
-        pytest.skip("float32 params store exactly: nothing to round")
+def _block_values(n, signed, seed, lo=-135, hi=60, special=True):
+    """Each block of 16 in its own binade 2^lo .. 2^hi (subnormal to 2^60: squares stay finite, otherwise nearly
+    every block of an update's result holds inf or NaN and only its NaN code would be compared), its values within
+    a few binades of each other (most codes nonzero), zeros; special: a NaN and an inf block; a tail."""
+    rng = np.random.default_rng(seed)
+    top = np.exp2(rng.uniform(lo, hi, (n + 15) // 16)).repeat(16)[:n]
+    x = (rng.standard_normal(n) * top * np.exp2(rng.uniform(-6, 0, n))).astype(np.float32)
+    x[rng.integers(0, n, 20)] = 0.0
+    if special:
+        x[7], x[40] = np.nan, np.inf
+    return x if signed else np.abs(x)
+
+
+def _binade_step(backend, dtype, variant, sr):
+    """One step with values over ~195 binades (subnormals, zeros, a NaN and an inf block), params down to f16's
+    subnormals and below: the params and states written, as bytes."""
     momentum, centered = VARIANTS[variant]
     n = 2048 * 2 + 16 * 5 + 3  # two full chunks, then a chunk with whole blocks and a partial one
     rng = np.random.default_rng(11)
     params = (rng.standard_normal(n) * np.exp2(rng.uniform(-30, 12, n))).astype(np.float32)
-    grads = _wide_values(n, True, 12)
-    grads[np.isnan(grads) | np.isinf(grads)] = 1.0  # NaN / inf come from the state here (its own blocks)
+    # NaN / inf come from the state here (its own blocks); float16 grads within its range
+    grads = _block_values(n, True, 12, *((-30, 14) if dtype == "float16" else (-135, 60)), special=False)
     if dtype == "bfloat16":  # Triton's interpreter reads bf16 subnormals as zeros (the GPU exactly)
         grads[np.abs(grads) < 2.0**-126] = 0.0
-    states = [quantize.encode(torch.from_numpy(_wide_values(n, signed, seed)), signed)
+    states = [quantize.encode(torch.from_numpy(_block_values(n, signed, seed)), signed)
               for signed, seed in ((False, 13), (True, 14), (True, 15))]
-    out = {}
-    for backend in ("triton", "cupy"):
-        p = torch.from_numpy(params).to(DTYPES[dtype])
-        v, b, a = (q.clone() for q in states)
-        g = torch.from_numpy(grads).to(DTYPES[dtype])
-        rmsprop([p], [g], [v], [a] if centered else None, [b] if momentum else None, [torch.full((), 6.0)],
-                lr=0.01, alpha=0.9, eps=1e-8, momentum=momentum, centered=centered, backend=backend,
-                stochastic_rounding=sr, sr_seed=9)
-        out[backend] = [p, v] + ([b] if momentum else []) + ([a] if centered else [])
-    for x, y in zip(out["triton"], out["cupy"]):
-        assert torch.equal(x.view(torch.uint8) if x.dtype != torch.uint8 else x,
-                           y.view(torch.uint8) if y.dtype != torch.uint8 else y)
+    p = torch.from_numpy(params).to(DTYPES[dtype])
+    v, b, a = (q.clone() for q in states)
+    g = torch.from_numpy(grads).to(DTYPES[dtype])
+    rmsprop([p], [g], [v], [a] if centered else None, [b] if momentum else None, [torch.full((), 6.0)],
+            lr=0.01, alpha=0.9, eps=1e-8, momentum=momentum, centered=centered, backend=backend,
+            stochastic_rounding=sr, sr_seed=9)
+    return [x.view(torch.uint8) for x in [p, v] + ([b] if momentum else []) + ([a] if centered else [])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "stochastic"])
+def test_both_kernels_write_the_same_bytes_over_every_binade(dtype, variant, sr):
+    """Every code, scale byte and (stochastically) rounded param of the two kernels agrees, over every binade."""
+    if sr and dtype == "float32":
+        pytest.skip("float32 params store exactly: nothing to round")
+    for x, y in zip(_binade_step("triton", dtype, variant, sr), _binade_step("cupy", dtype, variant, sr)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "stochastic"])
+def test_the_cuda_kernels_sm90_code_packing_writes_the_same_bytes(variant, sr):
+    """kernels/rmsprop.cu saturates two codes with one min.u16x2 on sm_90 (Q8_PAIR_MIN), one code at a time before:
+    the CPU build with that path (-DRMSPROP_Q8_PAIR_MIN, the compile-time instantiations of the launches) writes
+    the same bytes as the default one, over every binade (saturated codes, NaN blocks and the padding included)."""
+    from rmsprop_gpu.backends import BACKENDS as BACKEND_OBJECTS
+    from tools.cuda_cpu.cpu_module import static_kernel
+
+    cupy = BACKEND_OBJECTS["cupy"]
+    saved = dict(cupy._kernels)
+    cupy._kernels.clear()
+    try:
+        want = _binade_step("cupy", "float16", variant, sr)  # the launches' kernels: these keys
+        for key in list(cupy._kernels):
+            cupy._kernels[key] = static_kernel(key[1], ("RMSPROP_Q8_PAIR_MIN",))
+        got = _binade_step("cupy", "float16", variant, sr)
+        assert all(k.calls for k in cupy._kernels.values())
+    finally:
+        cupy._kernels.clear()
+        cupy._kernels.update(saved)
+    for x, y in zip(want, got):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -22,12 +22,13 @@ ARGTYPES = [ctypes.c_uint, ctypes.c_uint,  # grid, block
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # grad_scale_ptr, found_inf_ptr, flags
 
 
-def build_library(static_entry: str | None = None) -> Path:
+def build_library(static_entry: str | None = None, defines: tuple[str, ...] = ()) -> Path:
+    """defines: extra -D macros (e.g. RMSPROP_Q8_PAIR_MIN: sm_90's path where the source has one per arch)."""
     from rmsprop_gpu.backends.cupy_backend import kernel_source  # what the GPU loader compiles: ABI + source
 
     source = kernel_source()
     digest = hashlib.sha256((source + (HERE / "shim.h").read_text() + (HERE / "launcher.cpp").read_text()
-                             + str(static_entry)).encode()).hexdigest()[:16]
+                             + str(static_entry) + str(defines)).encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"rmsprop_cu_cpu_{digest}.so"
     if not out.exists():
         cu = out.with_suffix(f".{id(out)}.cu")
@@ -38,6 +39,8 @@ def build_library(static_entry: str | None = None) -> Path:
                f"-I{HERE}", f'-DRMSPROP_CU_PATH="{cu}"', str(HERE / "launcher.cpp"), "-o", str(tmp)]
         if static_entry:
             cmd.insert(-3, f"-DRMSPROP_STATIC_ENTRY={static_entry}")
+        for d in defines:
+            cmd.insert(-3, f"-D{d}")
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
         finally:
@@ -80,7 +83,7 @@ def cpu_module_factory(device, spec) -> CpuKernel:
     return CpuKernel(_launcher(_LIB, spec.layout_name), spec)
 
 
-def static_kernel(spec) -> CpuKernel:
-    """spec's compile-time instantiation, built alone (about 2 s of g++)."""
+def static_kernel(spec, defines: tuple[str, ...] = ()) -> CpuKernel:
+    """spec's compile-time instantiation, built alone (about 2 s of g++), with -D `defines`."""
     entry = spec.definition("RMSPROP_CPU_LAUNCHER_FLAGS").strip()
-    return CpuKernel(_launcher(build_library(entry), spec.name), spec)
+    return CpuKernel(_launcher(build_library(entry, defines), spec.name), spec)
