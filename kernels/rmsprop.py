@@ -193,7 +193,14 @@ def _stream_key(seed, step, stream):
     """step: int64. Past 2**32 steps (float64 counters) its high half gives other streams, never a repeat."""
     key = _mix32(seed ^ _mix32(step.to(tl.uint32) + 0x9E3779B9 * (stream + 1)))
     hi = (step >> 32).to(tl.uint32)
-    return tl.where(hi != 0, _mix32(key ^ hi), key)
+    if hi != 0:  # a branch around a call, not a select: the rare mix is not issued at every launch
+        key = _mix32_rare(key ^ hi)
+    return key
+
+
+@triton.jit(noinline=True)
+def _mix32_rare(x):
+    return _mix32(x)
 
 
 @triton.jit
