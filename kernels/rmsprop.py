@@ -116,12 +116,30 @@ def _root_quotient8_asm(add_eps: bool) -> str:
 
 _ROOT_QUOTIENT8_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True))
 _ROOT_QUOTIENT8_NO_EPS_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(False))
-# A word of 4 signed codes (magnitudes, $1) with each code's sign on top (bit 7 of its byte) from the scaled
-# values' bits ($2..$5): kernels/rmsprop.cu's q8_encode4, the same selectors (0xB / 0xF: the top byte's sign
-# replicated).
-_Q8_SIGNS_ASM: tl.constexpr = tl.constexpr(
-    "{\n.reg .b32 a, b;\nprmt.b32 a, $2, $3, 0x00FB;\nprmt.b32 b, $4, $5, 0x00FB;\nprmt.b32 a, a, b, 0x5410;\n"
-    "and.b32 a, a, 0x80808080;\nor.b32 $0, $1, a;\n}")
+# Four consecutive codes (pack=4 with uint8 results: the four leave packed in $0, byte k = value k) from the values
+# ($1..$4, float32 bits), their random bits ($5..$8), the block's multiplier ($9..$12) and NaN-block mask
+# ($13..$16): kernels/rmsprop.cu's q8_sum and q8_encode4, the same operations and selectors. |x| * f (and
+# * 2^-112 unless one_mul), its bits >> SH plus r, clamped, byte 2 of each packed; signed: each code's sign on top
+# (bit 7 of its byte) from the values' bits (0xB / 0xF: the top byte's sign replicated).
+def _q8_encode4_asm(signed: bool, one_mul: bool) -> str:
+    lim, sh = ("0x007FFFFF", 4) if signed else ("0x00FFFFFF", 3)
+    out = ""
+    for k, t in enumerate("abcd"):
+        out += (f"abs.f32 {t}, ${1 + k};\nmul.rn.f32 {t}, {t}, ${9 + k};\n"
+                + ("" if one_mul else f"mul.rn.f32 {t}, {t}, 0f07800000;\n")
+                + f"shr.b32 {t}, {t}, {sh};\nadd.u32 {t}, {t}, ${5 + k};\nmin.u32 {t}, {t}, {lim};\n")
+    out += "prmt.b32 a, a, b, 0x0062;\nprmt.b32 c, c, d, 0x0062;\nprmt.b32 a, a, c, 0x5410;\n"
+    if signed:
+        out += ("prmt.b32 b, $1, $2, 0x00FB;\nprmt.b32 d, $3, $4, 0x00FB;\nprmt.b32 b, b, d, 0x5410;\n"
+                "and.b32 b, b, 0x80808080;\nor.b32 a, a, b;\n")
+    return "{\n.reg .b32 a, b, c, d;\n" + out + "and.b32 $0, a, $13;\n}"
+
+
+_Q8_ENC4_CONSTRAINTS: tl.constexpr = tl.constexpr("=r," + ",".join(["r"] * 16))
+_Q8_ENC4_ASM: tl.constexpr = tl.constexpr(_q8_encode4_asm(False, True))
+_Q8_ENC4_TWO_MUL_ASM: tl.constexpr = tl.constexpr(_q8_encode4_asm(False, False))
+_Q8_ENC4_SIGNED_ASM: tl.constexpr = tl.constexpr(_q8_encode4_asm(True, True))
+_Q8_ENC4_SIGNED_TWO_MUL_ASM: tl.constexpr = tl.constexpr(_q8_encode4_asm(True, False))
 
 
 @triton.jit
@@ -314,33 +332,40 @@ def _q8_scale(lo, hi):
 
 
 @triton.jit
-def _q8_words(x, f, keep, noise, SIGNED: tl.constexpr, ONE_MUL: tl.constexpr, BY_PRMT: tl.constexpr):
-    """float32 [R, 8] -> codes as little-endian words [R, 2] (4 per word), rounded stochastically: noise is 16
-    random bits at the top of the dropped field (r << 3 unsigned, r << 4 signed) with anything below, where the
-    magnitude's bits are cleared first (kernels/rmsprop.cu: q8_sum, the same codes: it adds r to the magnitude's
-    bits >> SH). The NaN-block mask (keep) goes on whole words. The codes are read from
-    y = x * 2^(15 - s) rounded once, f = 2^(127 - s) per block: x * f (exact) then
-    * 2^-112, or (ONE_MUL: every block's s <= 164 or 255, _q8_one_mul) x * (f * 2^-112), one multiply per code.
-    BY_PRMT: signs packed by prmt (16-bit params; with fp32 params ptxas then spills 8 bytes in the centered
-    variant on sm_80, which is within the budget either way)."""
-    if ONE_MUL:
-        yb = (x * (f * 1.925929944387236e-34)[:, None]).to(tl.uint32, bitcast=True)
-    else:
-        yb = ((x * f[:, None]) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)
+def _q8_codes(x, f, keep, r, SIGNED: tl.constexpr, ONE_MUL: tl.constexpr):
+    """float32 [R, 8] -> codes uint8 [R, 8], rounded stochastically with r, 16 random bits each: a code is the high
+    half of r + (|y|'s bits >> 3, or 4 signed), saturated (kernels/rmsprop.cu: q8_sum, q8_encode4), y = x * 2^(15 - s)
+    rounded once, f = 2^(127 - s) per block: |x| * f (exact) then * 2^-112, or (ONE_MUL: every block's s <= 164 or
+    255, _q8_one_mul) |x| * (f * 2^-112), one multiply per code. keep (0 for a block that held inf/NaN) masks."""
+    fm = f * 1.925929944387236e-34 if ONE_MUL else f
+    if _INTERPRETED:
+        if ONE_MUL:
+            y = tl.abs(x) * fm[:, None]
+        else:
+            y = (tl.abs(x) * fm[:, None]) * 1.925929944387236e-34
+        c = tl.minimum((r + (y.to(tl.uint32, bitcast=True) >> (4 if SIGNED else 3))) >> 16, 127 if SIGNED else 255)
+        if SIGNED:
+            c = c | ((x.to(tl.uint32, bitcast=True) >> 24) & 0x80)
+        return (c & keep[:, None]).to(tl.uint8)
+    # four consecutive values per asm call (pack=4: a thread's 8 values in place; the four codes leave in one
+    # register)
+    xb = x.to(tl.uint32, bitcast=True)
+    fb = tl.broadcast_to(fm.to(tl.uint32, bitcast=True)[:, None], x.shape)
+    kb = tl.broadcast_to(keep[:, None], x.shape)
     if SIGNED:
-        c = tl.minimum(((yb & 0x7FFFFFF0) + noise) >> 20, 127)
-        if _INTERPRETED or not BY_PRMT:
-            c = c | ((yb >> 24) & 0x80)
+        if ONE_MUL:
+            return tl.inline_asm_elementwise(_Q8_ENC4_SIGNED_ASM, _Q8_ENC4_CONSTRAINTS, [xb, r, fb, kb],
+                                             dtype=tl.uint8, is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_Q8_ENC4_SIGNED_TWO_MUL_ASM, _Q8_ENC4_CONSTRAINTS, [xb, r, fb, kb],
+                                             dtype=tl.uint8, is_pure=True, pack=4)
     else:
-        c = tl.minimum(((yb & 0x7FFFFFF8) + noise) >> 19, 255)
-    w = tl.sum(tl.reshape(c, [c.shape[0], 2, 4]) << (tl.arange(0, 4) * 8).to(tl.uint32)[None, None, :], 2)
-    if SIGNED and BY_PRMT and not _INTERPRETED:  # signs by prmt as the .cu (q8_encode4): 4 ops per word, not 8
-        even, odd = tl.split(tl.reshape(yb, [yb.shape[0], 2, 2, 2]))  # [R, 2, 2]: codes 4j + 2m (+ 1) by (j, m)
-        y0, y2 = tl.split(even)
-        y1, y3 = tl.split(odd)
-        w = tl.inline_asm_elementwise(_Q8_SIGNS_ASM, "=r,r,r,r,r,r", [w, y0, y1, y2, y3], dtype=tl.uint32,
-                                      is_pure=True, pack=1)
-    return w & keep[:, None]
+        if ONE_MUL:
+            return tl.inline_asm_elementwise(_Q8_ENC4_ASM, _Q8_ENC4_CONSTRAINTS, [xb, r, fb, kb], dtype=tl.uint8,
+                                             is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_Q8_ENC4_TWO_MUL_ASM, _Q8_ENC4_CONSTRAINTS, [xb, r, fb, kb],
+                                             dtype=tl.uint8, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -375,22 +400,13 @@ def _hash_pre(base, OFF: tl.constexpr):
 
 
 @triton.jit
-def _lo16(pre, DTYPE: tl.constexpr):
-    """The hash's low 16 bits. For f16 written so that its short path's bits + (r16 >> 3) compiles to a shift, an
-    xor and one LEA.HI (bits + (y >> 19)), not five operations (LLVM's form of the other); the same value."""
-    if tl.float16 == DTYPE:
-        return ((pre << 16) ^ pre) >> 16
-    return (pre ^ (pre >> 16)) & 0xFFFF  # bf16: the other form costs registers (a spill in the centered variant)
+def _hi16(pre):
+    return pre >> 16  # the hash's high 16 bits
 
 
 @triton.jit
-def _noise_hi(pre, SH: tl.constexpr):
-    return pre >> (16 - SH)  # the hash's high half << SH, something below
-
-
-@triton.jit
-def _noise_lo(pre, SH: tl.constexpr):
-    return ((pre << 16) ^ pre) >> (16 - SH)  # the hash's low half << SH, pre's bits 12.. below (as _noise_hi)
+def _lo16_of(pre, hi):
+    return (pre ^ hi) & 0xFFFF  # the hash's low 16 bits, given its high 16 (one shift for both)
 
 
 @triton.jit
@@ -407,25 +423,16 @@ def _q8_load(addr, start, rows, block, mask, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _q8_store(addr, start, block, mask, x_lo, x_hi, f, keep, pre_lo, pre_hi,
-              SIGNED: tl.constexpr, NOISE_LO: tl.constexpr, ALIGNED: tl.constexpr, ONE_MUL: tl.constexpr,
-              BY_PRMT: tl.constexpr = False):
-    SH: tl.constexpr = 4 if SIGNED else 3
-    if NOISE_LO:
-        n_lo = _noise_lo(pre_lo, SH)
-        n_hi = _noise_lo(pre_hi, SH)
-    else:
-        n_lo = _noise_hi(pre_lo, SH)
-        n_hi = _noise_hi(pre_hi, SH)
-    w = tl.join(_q8_words(x_lo, f, keep, n_lo, SIGNED, ONE_MUL, BY_PRMT),
-                _q8_words(x_hi, f, keep, n_hi, SIGNED, ONE_MUL, BY_PRMT))  # [R, 2, 2]
-    w = tl.reshape(tl.permute(w, [0, 2, 1]), [w.shape[0], 4])  # words 0-3 of each block
+def _q8_store(addr, start, block, mask, x_lo, x_hi, f, keep, r_lo, r_hi,
+              SIGNED: tl.constexpr, ALIGNED: tl.constexpr, ONE_MUL: tl.constexpr):
+    """A state's codes for the two halves [R, 8] of the blocks, r_lo / r_hi their random bits."""
+    c = tl.join(_q8_codes(x_lo, f, keep, r_lo, SIGNED, ONE_MUL), _q8_codes(x_hi, f, keep, r_hi, SIGNED, ONE_MUL))
+    c = tl.reshape(tl.permute(c, [0, 2, 1]), [c.shape[0], 16])  # [R, 16]: each block's codes in order
     if ALIGNED:
-        ptr = tl.multiple_of((addr + start).to(tl.pointer_type(tl.uint32)), 16)
-        tl.store(ptr + tl.arange(0, w.shape[0])[:, None] * 4 + tl.arange(0, 4)[None, :], w)
+        ptr = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)) + start, 16)
+        tl.store(ptr + tl.arange(0, c.shape[0])[:, None] * 16 + tl.arange(0, 16)[None, :], c)
     else:
-        c = tl.reshape(w[:, :, None] >> (tl.arange(0, 4) * 8).to(tl.uint32)[None, None, :], [w.shape[0], 16])
-        tl.store(_ptr(addr, start, tl.uint8, ALIGNED) + block, c.to(tl.uint8), mask=mask)
+        tl.store(_ptr(addr, start, tl.uint8, ALIGNED) + block, c, mask=mask)
 
 
 @triton.jit
@@ -770,17 +777,17 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, block, c_all, l
                     NORMAL: tl.constexpr):
     """The rest of an 8-bit chunk's stores (the caller stored the scale bytes): each state's codes (_q8_words:
     ONE_MUL), then p (_store: NORMAL: stochastic rounding's short path for p, which the caller's test chose)."""
-    _q8_store(v_addr, start, block, c_all, v_lo, v_hi, fv, kv, pre0_lo, pre0_hi, False, False, FULL_ALIGNED, ONE_MUL)
-    pre1_lo, pre1_hi = pre0_lo, pre0_hi  # (after square_avg's codes: fewer values live)
-    if MOMENTUM or CENTERED:
+    _q8_store(v_addr, start, block, c_all, v_lo, v_hi, fv, kv, _hi16(pre0_lo), _hi16(pre0_hi), False, FULL_ALIGNED,
+              ONE_MUL)
+    if MOMENTUM or CENTERED:  # (after square_avg's codes: fewer values live)
         pre1_lo = _hash_pre(base, 1)
         pre1_hi = _hash_pre(base, 17)
-    if MOMENTUM:
-        _q8_store(b_addr, start, block, c_all, b_lo, b_hi, fb, kb, pre1_lo, pre1_hi, True, True, FULL_ALIGNED,
-                  ONE_MUL, tl.float32 != P_DTYPE)
-    if CENTERED:
-        _q8_store(a_addr, start, block, c_all, a_lo, a_hi, fa, ka, pre1_lo, pre1_hi, True, False, FULL_ALIGNED,
-                  ONE_MUL, tl.float32 != P_DTYPE)
+        if MOMENTUM:
+            _q8_store(b_addr, start, block, c_all, b_lo, b_hi, fb, kb, _lo16_of(pre1_lo, _hi16(pre1_lo)),
+                      _lo16_of(pre1_hi, _hi16(pre1_hi)), True, FULL_ALIGNED, ONE_MUL)
+        if CENTERED:
+            _q8_store(a_addr, start, block, c_all, a_lo, a_hi, fa, ka, _hi16(pre1_lo), _hi16(pre1_hi), True,
+                      FULL_ALIGNED, ONE_MUL)
     _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR,
                 NORMAL)
 
@@ -788,10 +795,10 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, block, c_all, l
 @triton.jit
 def _store_p_q8(p_addr, start, rows, left, p_lo, p_hi, pre0_lo, pre0_hi, P_DTYPE: tl.constexpr,
                 FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, SR: tl.constexpr, NORMAL: tl.constexpr):
-    _store8(p_addr, start, rows * 16, left, p_lo, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR, _lo16(pre0_lo, P_DTYPE),
-            NORMAL)
+    _store8(p_addr, start, rows * 16, left, p_lo, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR,
+            _lo16_of(pre0_lo, _hi16(pre0_lo)), NORMAL)  # (the shift square_avg's codes take too)
     _store8(p_addr, start, rows * 16 + 8, left - 8, p_hi, P_DTYPE, FULL_ALIGNED, NATIVE_BF16, SR,
-            _lo16(pre0_hi, P_DTYPE), NORMAL)
+            _lo16_of(pre0_hi, _hi16(pre0_hi)), NORMAL)
 
 
 @triton.jit

@@ -1,5 +1,7 @@
 """The 8-bit chunk's grouped fast paths for sqrt.rn and div.rn (kernels/rmsprop.cu: sqrt_rn_all, div_rn_all;
-kernels/rmsprop.py: _root_quotient8_asm) give the correctly rounded results in the range their test admits.
+kernels/rmsprop.py: _root_quotient8_asm) give the correctly rounded results in the range their test admits, and
+Triton's code encoding asm (_q8_encode4_asm, which only a GPU runs: the interpreter takes its Triton twin) writes
+the codes of the spec.
 
 No GPU runs them here (the CPU build of the CUDA C divides on the host, the interpreter takes Triton's sqrt_rn and
 div_rn), so this file runs the kernels' own PTX text with exact arithmetic: each rounding is done on rationals and
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rmsprop_gpu.kernels import rmsprop as triton_kernel
-from rmsprop_gpu.kernels.rmsprop import _root_quotient8_asm
+from rmsprop_gpu.kernels.rmsprop import _q8_encode4_asm, _root_quotient8_asm
 
 CU = Path(triton_kernel.__file__).with_name("rmsprop.cu")
 
@@ -172,3 +174,83 @@ def test_the_range_tests_admit_exactly_the_fast_paths_range(add_eps):
     for eps in (0.0, 1e-8, math.ldexp(1, 63), float(np.nextafter(np.float32(2.0**63), np.float32(np.inf))), -0.0,
                 -1e-8, float("nan"), float("inf")):
         assert (bits(eps) <= eps_max) == (eps >= 0 and eps <= 2.0**63 and math.copysign(1, eps) > 0), eps
+
+
+def run_int_ptx(asm: str, inputs: list[int]) -> int:
+    """The integer and float32 instructions of an encode asm block on 32-bit values ($1.. = inputs), exactly:
+    float32 products rounded once by numpy (IEEE, subnormals kept), prmt in its default mode."""
+    regs = {f"${k + 1}": v for k, v in enumerate(inputs)}
+
+    def val(op):
+        if op.startswith("0f"):
+            return int(op[2:], 16)
+        return int(op, 0) if op[0].isdigit() else regs[op]
+
+    def f32(bits):
+        return np.array([bits], np.uint32).view(np.float32)[0]
+
+    for line in asm.splitlines():
+        m = re.match(r"([\w.]+)\s+(.*);$", line.strip())
+        if not m or m.group(1) == ".reg":
+            continue
+        op, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
+        src = [val(a) for a in args[1:]]
+        if op == "abs.f32":
+            out = src[0] & 0x7FFFFFFF
+        elif op == "mul.rn.f32":
+            out = int(np.array([f32(src[0]) * f32(src[1])], np.float32).view(np.uint32)[0])
+        elif op == "shr.b32":
+            out = src[0] >> src[1]
+        elif op == "add.u32":
+            out = (src[0] + src[1]) & 0xFFFFFFFF
+        elif op == "min.u32":
+            out = min(src[0], src[1])
+        elif op == "and.b32":
+            out = src[0] & src[1]
+        elif op == "or.b32":
+            out = src[0] | src[1]
+        elif op == "prmt.b32":
+            pool = (src[1] << 32 | src[0]).to_bytes(8, "little")
+            out = 0
+            for k in range(4):
+                sel = (src[2] >> 4 * k) & 0xF
+                b = pool[sel & 7]
+                out |= ((0xFF if b & 0x80 else 0) if sel & 8 else b) << 8 * k
+        else:
+            raise AssertionError(f"not an encode instruction: {line}")
+        regs[args[0]] = out
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("one_mul", [True, False], ids=["one_mul", "two_mul"])
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_the_triton_encode_asm_writes_the_specified_codes(signed, one_mul):
+    """Four codes per asm call, byte k = value k: the magnitude times 2^(15 - s) (one multiply, or 2^(127 - s) then
+    2^-112), rounded with 16 random bits at the top of the dropped field (19 bits unsigned, 20 signed), saturated,
+    the sign on top; all zeros for a masked (inf/NaN) block. The expected codes take the older formulation (the
+    dropped field's low bits cleared, r << SH added), not the asm's sum, over scales, binades, zeros, ties and
+    saturation."""
+    asm = _q8_encode4_asm(signed, one_mul)
+    rng = np.random.default_rng(3)
+    sh, top = (4, 127) if signed else (3, 255)
+    for _ in range(3000):
+        s = int(rng.integers(1, 165 if one_mul else 254))
+        f = np.float32(2.0 ** (15 - s)) if one_mul else np.float32(2.0 ** (127 - s))
+        # values up to the block's maximum binade [2^(s-127), 2^(s-126)), down past the smallest codes
+        x = (rng.choice([-1, 1], 4) * np.exp2(rng.uniform(-30, 1, 4)) * 2.0 ** (s - 127)).astype(np.float32)
+        x[rng.random(4) < 0.1] = 0.0
+        x[rng.random(4) < 0.05] = np.float32(2.0 ** (s - 126)) * np.float32(1 - 2**-24)  # the top: saturates
+        r = rng.integers(0, 2**16, 4)
+        keep = 0 if rng.random() < 0.05 else 0xFFFFFFFF
+        xb = [int(v) for v in x.view(np.uint32)]
+        got = run_int_ptx(asm, xb + [int(v) for v in r] + [int(np.array([f], np.float32).view(np.uint32)[0])] * 4
+                          + [keep] * 4)
+        y = np.abs(x) * f if one_mul else (np.abs(x) * f) * np.float32(2.0**-112)
+        want = 0
+        for k in range(4):
+            yb = int(np.float32(y[k]).view(np.uint32))
+            c = min(((yb & ~((1 << sh) - 1)) + (int(r[k]) << sh)) >> (16 + sh), top)
+            if signed and xb[k] >> 31:
+                c |= 0x80
+            want |= c << 8 * k
+        assert got == want & keep, (s, x, r)

@@ -273,7 +273,7 @@ def triton_report(archs=ARCHS, flag_sets=FLAG_SETS) -> list[dict]:
                             fn=_rmsprop_kernel, signature={**sig, **{k: "constexpr" for k in cx}}, constexprs=cx,
                             attrs={(i,): [["tt.divisibility", 16]] for i in pointer_args},
                         )
-                        options = {**launch_options(sd, mom, cen, arch), "enable_fp_fusion": True}
+                        options = {**launch_options(sd, mom, cen, arch, flags), "enable_fp_fusion": True}
                         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                         ptx = compiled.asm["ptx"]
                         path = Path(tmp) / "k.ptx"

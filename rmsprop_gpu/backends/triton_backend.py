@@ -53,17 +53,19 @@ def constexprs(param_dtype: str, state_dtype: str, flags: int, momentum: bool, c
 # 8-bit state: 2 warps (rmsprop_gpu/abi.py: threads), each thread two quantization blocks (rows r and r + 64 of the
 # chunk's [128, 8] halves), every load of both issued before the first use. ptxas then takes up to 255 registers
 # (8 warps per SM, twice the bytes in flight per thread of 4 warps at 168); capped at 168 (12 warps) it spills.
-# Centered alone before sm_90 is capped at 200 (10 warps): at 8, ptxas for sm_80 issues its last loads after the
-# first wait (slack 1.08 with fp16 params); sm_90's ptxas spills at 200 and needs no cap (static report).
-Q8_CENTERED_MAX_REGISTERS_BEFORE_SM90 = 200
+# Centered alone is capped at 200 (10 warps) but on sm_90 with stochastic rounding: at 8 warps ptxas issues its
+# last loads after the first wait (sm_80 fp16, sm_90 bf16 without stochastic rounding: slack 1.08); sm_90's
+# stochastic-rounding kernels fit better uncapped (bf16 79.8% of an H200 against 80.9%; static report).
+Q8_CENTERED_MAX_REGISTERS = 200
 
 
 @functools.cache
-def launch_options(state_dtype: str, momentum: bool, centered: bool, arch: int = 90) -> dict:
-    """Triton's options for one variant on compute capability `arch` (major * 10 + minor; cached, callers must not
-    modify the dict)."""
+def launch_options(state_dtype: str, momentum: bool, centered: bool, arch: int = 90, flags: int = 0) -> dict:
+    """Triton's options for one variant on compute capability `arch` (major * 10 + minor) with option `flags`
+    (rmsprop_gpu/abi.py; cached, callers must not modify the dict)."""
     if state_dtype == "uint8":
-        cap = Q8_CENTERED_MAX_REGISTERS_BEFORE_SM90 if centered and not momentum and arch < 90 else None
+        sr_sm90 = arch >= 90 and bool(flags & abi.FLAGS["STOCHASTIC_ROUNDING"])
+        cap = Q8_CENTERED_MAX_REGISTERS if centered and not momentum and not sr_sm90 else None
         return {"num_warps": abi.Q8_THREADS // 32, "maxnreg": cap}
     return {"num_warps": NUM_WARPS}
 
@@ -141,7 +143,7 @@ class TritonBackend(Backend):
                     launch.tensors, launch.blocks, launch.hyper.buffer, launch.hyper.floats,
                     grad_scale if grad_scale is not None else dummy,
                     found_inf if found_inf is not None else dummy,
-                    **cx, **launch_options(group.state_dtype, cx["MOMENTUM"], cx["CENTERED"], arch),
+                    **cx, **launch_options(group.state_dtype, cx["MOMENTUM"], cx["CENTERED"], arch, cx["FLAGS"]),
                 )
             if t0 is not None:
                 self.first_launch_seconds[key] = time.perf_counter() - t0
