@@ -451,9 +451,9 @@ __device__ __forceinline__ void q8_store(unsigned char* q, i64 n16, i64 i, const
 #pragma unroll
   for (int j = 0; j < 4; ++j) w[j] = q8_encode4<SIGNED, ONE_MUL>(x + 4 * j, f, r + 4 * j) & keep;
   if (FULL) {
-    uint4 r;
-    r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
-    store_global_128(q + i, r);
+    uint4 out;  // (r: the random bits)
+    out.x = w[0]; out.y = w[1]; out.z = w[2]; out.w = w[3];
+    store_global_128(q + i, out);
   } else {
 #pragma unroll
     for (int k = 0; k < 16; ++k) q[i + k] = (unsigned char)(w[k >> 2] >> (8 * (k & 3)));

@@ -775,7 +775,7 @@ def _q8_store_chunk(p_addr, v_addr, b_addr, a_addr, start, rows, block, c_all, l
                     P_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, SR: tl.constexpr,
                     FULL_ALIGNED: tl.constexpr, NATIVE_BF16: tl.constexpr, ONE_MUL: tl.constexpr,
                     NORMAL: tl.constexpr):
-    """The rest of an 8-bit chunk's stores (the caller stored the scale bytes): each state's codes (_q8_words:
+    """The rest of an 8-bit chunk's stores (the caller stored the scale bytes): each state's codes (_q8_codes:
     ONE_MUL), then p (_store: NORMAL: stochastic rounding's short path for p, which the caller's test chose)."""
     _q8_store(v_addr, start, block, c_all, v_lo, v_hi, fv, kv, _hi16(pre0_lo), _hi16(pre0_hi), False, FULL_ALIGNED,
               ONE_MUL)
