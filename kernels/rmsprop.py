@@ -91,51 +91,73 @@ def _sqrt8_asm() -> str:
 _SQRT8_ASM: tl.constexpr = tl.constexpr(_sqrt8_asm())
 
 
-def _root_quotient8_asm(add_eps: bool) -> str:
+def _root_quotient8_asm(add_eps: bool, clamp: bool, test_n: bool) -> str:
     """PTX for a thread's 8 roots and quotients with one range test and branch (kernels/rmsprop.cu: sqrt_rn_all,
     div_rn_all): $0..$7 = sqrt.rn(x), $8..$15 = n / d rounded to nearest, d = root + eps (add_eps) or root, from
-    x $16..$23, n $24..$31, eps $32 (bits). Fast path for x in [2^-101, the largest float], n in +-[2^-60, 2^60]
-    and eps in [0, 2^63] (div_rn_fast's range), else sqrt.rn and div.rn for all 8."""
-    test = ("sub.u32 m, $16, 0x0D000000;\nmad.lo.u32 w, $24, 2, 0xBD000000;\n" + "".join(
-        f"sub.u32 u, ${16 + k}, 0x0D000000;\nmax.u32 m, m, u;\nmad.lo.u32 u, ${24 + k}, 2, 0xBD000000;\n"
-        f"max.u32 w, w, u;\n" for k in range(1, 8))
-        + "setp.gt.u32 slow, m, 0x727FFFFF;\nsetp.gt.u32 bad, w, 0x78000000;\nor.pred slow, slow, bad;\n"
-        "setp.gt.u32 bad, $32, 0x5F000000;\nor.pred slow, slow, bad;\n")
+    x $16..$23, n $24..$31, eps $32 (bits). Fast path for x in [2^-96, 2^32), n 0 or in +-[2^-60, 2^68) and eps in
+    [0, 2^63] (div_rn_fast's range), else sqrt.rn and div.rn for all 8. Each range is a window of 2^30 (x) or 2^31
+    (2|n|) bit patterns, so its test is an OR: 1.5 instructions per value where a max chain takes 2.
+    clamp: x below 0 counts as 0 (max.NaN: NaN stays NaN), on the slow path only (the fast path's x is positive).
+    test_n False: the caller knows n is in range, 0, or inf/NaN only where x is inf/NaN (the slow path's): an fp16
+    grad as loaded (_update). The residual is taken negated, d * y - n, so that n = -0 gives -0 as div.rn does
+    (n - d * y is +0 for either zero; for every other n the two residuals are exact negations)."""
+    test = "".join(f"sub.u32 u{k}, ${16 + k}, 0x0F800000;\n" for k in range(8)) + "or.b32 m, u0, u1;\n" + "".join(
+        f"or.b32 m, m, u{k};\n" for k in range(2, 8)) + "setp.ge.u32 slow, m, 0x40000000;\n"
+    if test_n:
+        test += ("".join(f"mad.lo.u32 u{k}, ${24 + k}, 2, 0xBD000000;\n" for k in range(8)) + "or.b32 m, u0, u1;\n"
+                 + "".join(f"or.b32 m, m, u{k};\n" for k in range(2, 8))
+                 + "setp.ge.u32 bad, m, 0x80000000;\nor.pred slow, slow, bad;\n")
+    test += "setp.gt.u32 bad, $32, 0x5F000000;\nor.pred slow, slow, bad;\n"
     denom = (lambda k: f"add.rn.f32 d, ${k}, $32;\n") if add_eps else (lambda k: f"mov.b32 d, ${k};\n")
     fast = "".join(
         _sqrt_fast_ptx(f"${k}", f"${16 + k}") + denom(k)
         + f"rcp.approx.ftz.f32 r, d;\nneg.f32 t, d;\nfma.rn.f32 e, t, r, 0f3F800000;\nfma.rn.f32 r, r, e, r;\n"
-        f"mul.rn.f32 y, ${24 + k}, r;\nfma.rn.f32 e, t, y, ${24 + k};\nfma.rn.f32 ${8 + k}, e, r, y;\n"
+        f"mul.rn.f32 y, ${24 + k}, r;\nneg.f32 t, ${24 + k};\nfma.rn.f32 e, d, y, t;\nneg.f32 e, e;\n"
+        f"fma.rn.f32 ${8 + k}, e, r, y;\n"
         for k in range(8))
-    slow = "".join(f"sqrt.rn.f32 ${k}, ${16 + k};\n" + denom(k) + f"div.rn.f32 ${8 + k}, ${24 + k}, d;\n"
-                   for k in range(8))
-    return ("{\n.reg .pred slow, bad;\n.reg .b32 m, w, u, r, s, h, e, t, y, d;\n" + test
+    root = (lambda k: f"max.NaN.f32 d, ${16 + k}, 0f00000000;\nsqrt.rn.f32 ${k}, d;\n") if clamp else (
+        lambda k: f"sqrt.rn.f32 ${k}, ${16 + k};\n")
+    slow = "".join(root(k) + denom(k) + f"div.rn.f32 ${8 + k}, ${24 + k}, d;\n" for k in range(8))
+    regs = ", ".join(f"u{k}" for k in range(8))
+    return ("{\n.reg .pred slow, bad;\n.reg .b32 m, r, s, h, e, t, y, d, " + regs + ";\n" + test
             + "@slow bra ROOTQ_SLOW_${:uid};\n" + fast + "bra.uni ROOTQ_DONE_${:uid};\nROOTQ_SLOW_${:uid}:\n" + slow
             + "ROOTQ_DONE_${:uid}:\n}")
 
 
-_ROOT_QUOTIENT8_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True))
-_ROOT_QUOTIENT8_NO_EPS_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(False))
+# (add eps, clamp x at 0, test n): _root_quotient picks one
+_ROOT_QUOTIENT8_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, False, True))
+_ROOT_QUOTIENT8_NO_EPS_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(False, False, True))
+_ROOT_QUOTIENT8_CLAMP_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, True, True))
+_ROOT_QUOTIENT8_F16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, False, False))
+_ROOT_QUOTIENT8_NO_EPS_F16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(False, False, False))
+_ROOT_QUOTIENT8_CLAMP_F16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, True, False))
 # Four consecutive codes (pack=4 with uint8 results: the four leave packed in $0, byte k = value k) from the values
-# ($1..$4, float32 bits), their random bits ($5..$8), the block's multiplier ($9..$12) and NaN-block mask
-# ($13..$16): kernels/rmsprop.cu's q8_sum and q8_encode4, the same operations and selectors. |x| * f (and
-# * 2^-112 unless one_mul), its bits >> SH plus r, clamped, byte 2 of each packed; signed: each code's sign on top
-# (bit 7 of its byte) from the values' bits (0xB / 0xF: the top byte's sign replicated).
+# ($1..$4, float32 bits), their random bits ($5..$8), the block's multiplier ($9..$12) and limit ($13..$16; signed:
+# and sign mask, $17..$20): kernels/rmsprop.cu's q8_sum and q8_encode4, the same operations and selectors. |x| * f
+# (and * 2^-112 unless one_mul), its bits >> SH plus r, clamped to the limit, byte 2 of each packed; signed: each
+# code's sign on top (bit 7 of its byte) from the values' bits (0xB / 0xF: the top byte's sign replicated). A block
+# that held inf/NaN has limit and sign mask 0: its codes are 0 with no instruction of their own.
 def _q8_encode4_asm(signed: bool, one_mul: bool) -> str:
-    lim, sh = ("0x007FFFFF", 4) if signed else ("0x00FFFFFF", 3)
+    sh = 4 if signed else 3
     out = ""
     for k, t in enumerate("abcd"):
         out += (f"abs.f32 {t}, ${1 + k};\nmul.rn.f32 {t}, {t}, ${9 + k};\n"
                 + ("" if one_mul else f"mul.rn.f32 {t}, {t}, 0f07800000;\n")
-                + f"shr.b32 {t}, {t}, {sh};\nadd.u32 {t}, {t}, ${5 + k};\nmin.u32 {t}, {t}, {lim};\n")
-    out += "prmt.b32 a, a, b, 0x0062;\nprmt.b32 c, c, d, 0x0062;\nprmt.b32 a, a, c, 0x5410;\n"
+                + f"shr.b32 {t}, {t}, {sh};\nadd.u32 {t}, {t}, ${5 + k};\nmin.u32 {t}, {t}, ${13 + k};\n")
+    out += "prmt.b32 a, a, b, 0x0062;\nprmt.b32 c, c, d, 0x0062;\n"
     if signed:
-        out += ("prmt.b32 b, $1, $2, 0x00FB;\nprmt.b32 d, $3, $4, 0x00FB;\nprmt.b32 b, b, d, 0x5410;\n"
-                "and.b32 b, b, 0x80808080;\nor.b32 a, a, b;\n")
-    return "{\n.reg .b32 a, b, c, d;\n" + out + "and.b32 $0, a, $13;\n}"
+        out += ("prmt.b32 a, a, c, 0x5410;\nprmt.b32 b, $1, $2, 0x00FB;\nprmt.b32 d, $3, $4, 0x00FB;\n"
+                "prmt.b32 b, b, d, 0x5410;\nand.b32 b, b, $17;\nor.b32 $0, a, b;\n")
+    else:
+        out += "prmt.b32 $0, a, c, 0x5410;\n"
+    return "{\n.reg .b32 a, b, c, d;\n" + out + "}"
 
 
+# the block's limit: the largest sum that keeps the code's byte (0x00FFFFFF unsigned, 0x007FFFFF signed)
+_Q8_LIMIT: tl.constexpr = tl.constexpr(0x00FFFFFF)
+_Q8_SIGNED_LIMIT: tl.constexpr = tl.constexpr(0x007FFFFF)
 _Q8_ENC4_CONSTRAINTS: tl.constexpr = tl.constexpr("=r," + ",".join(["r"] * 16))
+_Q8_ENC4_SIGNED_CONSTRAINTS: tl.constexpr = tl.constexpr("=r," + ",".join(["r"] * 20))
 _Q8_ENC4_ASM: tl.constexpr = tl.constexpr(_q8_encode4_asm(False, True))
 _Q8_ENC4_TWO_MUL_ASM: tl.constexpr = tl.constexpr(_q8_encode4_asm(False, False))
 _Q8_ENC4_SIGNED_ASM: tl.constexpr = tl.constexpr(_q8_encode4_asm(True, True))
@@ -154,12 +176,25 @@ def _sqrt(x, BY8: tl.constexpr):
 
 
 @triton.jit
-def _root_quotient(x, n, eps, ADD_EPS: tl.constexpr, BY8: tl.constexpr):
+def _root_quotient(x, n, eps, ADD_EPS: tl.constexpr, BY8: tl.constexpr, CLAMP: tl.constexpr = False,
+                   N_F16: tl.constexpr = False):
     """root = sqrt.rn(x) and n / (root + eps if ADD_EPS else root) rounded to nearest; BY8 (as _sqrt's): one range
-    test and branch per 8 of them (_root_quotient8_asm) in compiled code."""
+    test and branch per 8 of them (_root_quotient8_asm) in compiled code. CLAMP (with ADD_EPS): x below 0 counts as
+    0, NaN stays NaN (in compiled code on the slow path only: the fast path's range is positive). N_F16: n is an
+    fp16 grad as loaded, in range but for 0, inf and NaN, and x inf/NaN where n is (_update): n is not tested."""
     if BY8 and not _INTERPRETED:
-        if ADD_EPS:
-            asm: tl.constexpr = _ROOT_QUOTIENT8_ASM
+        if CLAMP:
+            if N_F16:
+                asm: tl.constexpr = _ROOT_QUOTIENT8_CLAMP_F16_ASM
+            else:
+                asm: tl.constexpr = _ROOT_QUOTIENT8_CLAMP_ASM
+        elif ADD_EPS:
+            if N_F16:
+                asm: tl.constexpr = _ROOT_QUOTIENT8_F16_ASM
+            else:
+                asm: tl.constexpr = _ROOT_QUOTIENT8_ASM
+        elif N_F16:
+            asm: tl.constexpr = _ROOT_QUOTIENT8_NO_EPS_F16_ASM
         else:
             asm: tl.constexpr = _ROOT_QUOTIENT8_NO_EPS_ASM
         root, q = tl.inline_asm_elementwise(
@@ -168,6 +203,8 @@ def _root_quotient(x, n, eps, ADD_EPS: tl.constexpr, BY8: tl.constexpr):
             dtype=(tl.uint32, tl.uint32), is_pure=True, pack=8)
         return root.to(tl.float32, bitcast=True), q.to(tl.float32, bitcast=True)
     else:
+        if CLAMP:
+            x = _max_nan(x, 0.0)
         root = tl.sqrt_rn(x)
         if ADD_EPS:
             return root, tl.div_rn(n, root + eps)
@@ -351,20 +388,22 @@ def _q8_codes(x, f, keep, r, SIGNED: tl.constexpr, ONE_MUL: tl.constexpr):
     # register)
     xb = x.to(tl.uint32, bitcast=True)
     fb = tl.broadcast_to(fm.to(tl.uint32, bitcast=True)[:, None], x.shape)
-    kb = tl.broadcast_to(keep[:, None], x.shape)
     if SIGNED:
+        lim = tl.broadcast_to((keep & _Q8_SIGNED_LIMIT)[:, None], x.shape)
+        signs = tl.broadcast_to((keep & 0x80808080)[:, None], x.shape)
         if ONE_MUL:
-            return tl.inline_asm_elementwise(_Q8_ENC4_SIGNED_ASM, _Q8_ENC4_CONSTRAINTS, [xb, r, fb, kb],
-                                             dtype=tl.uint8, is_pure=True, pack=4)
+            return tl.inline_asm_elementwise(_Q8_ENC4_SIGNED_ASM, _Q8_ENC4_SIGNED_CONSTRAINTS,
+                                             [xb, r, fb, lim, signs], dtype=tl.uint8, is_pure=True, pack=4)
         else:
-            return tl.inline_asm_elementwise(_Q8_ENC4_SIGNED_TWO_MUL_ASM, _Q8_ENC4_CONSTRAINTS, [xb, r, fb, kb],
-                                             dtype=tl.uint8, is_pure=True, pack=4)
+            return tl.inline_asm_elementwise(_Q8_ENC4_SIGNED_TWO_MUL_ASM, _Q8_ENC4_SIGNED_CONSTRAINTS,
+                                             [xb, r, fb, lim, signs], dtype=tl.uint8, is_pure=True, pack=4)
     else:
+        lim = tl.broadcast_to((keep & _Q8_LIMIT)[:, None], x.shape)
         if ONE_MUL:
-            return tl.inline_asm_elementwise(_Q8_ENC4_ASM, _Q8_ENC4_CONSTRAINTS, [xb, r, fb, kb], dtype=tl.uint8,
+            return tl.inline_asm_elementwise(_Q8_ENC4_ASM, _Q8_ENC4_CONSTRAINTS, [xb, r, fb, lim], dtype=tl.uint8,
                                              is_pure=True, pack=4)
         else:
-            return tl.inline_asm_elementwise(_Q8_ENC4_TWO_MUL_ASM, _Q8_ENC4_CONSTRAINTS, [xb, r, fb, kb],
+            return tl.inline_asm_elementwise(_Q8_ENC4_TWO_MUL_ASM, _Q8_ENC4_CONSTRAINTS, [xb, r, fb, lim],
                                              dtype=tl.uint8, is_pure=True, pack=4)
 
 
@@ -466,12 +505,13 @@ def _update(
     p, g, v, buf, ga,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
     MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr,
-    Q8: tl.constexpr = False, SQRT_BY8: tl.constexpr = False,
+    Q8: tl.constexpr = False, SQRT_BY8: tl.constexpr = False, G_F16: tl.constexpr = False,
 ):
     """The update of one tile in float32: returns the new p, v, buf, ga (buf/ga unchanged when not used) and the
     root the denominator took.
     Q8: 8-bit state, whose v and grad_avg can cross (v - ga^2 < 0): clamped at 0.
-    SQRT_BY8: roots 8 at a time (_sqrt; the caller's layout allows it)."""
+    SQRT_BY8: roots 8 at a time (_sqrt; the caller's layout allows it).
+    G_F16: g was loaded from fp16: 0, inf, NaN or within [2^-24, 65504] in magnitude."""
     if GRAD_SCALE & FLAGS:
         g = tl.div_rn(g, grad_scale)  # exactly torch's unscale
     if MAXIMIZE & FLAGS:  # per slot: sign is -1 for maximize, +1 otherwise (exact either way)
@@ -494,15 +534,23 @@ def _update(
             var = var - avg * avg
         else:  # torch's addcmul(value=-1) is an FMA: v = inf stays inf though avg^2 overflows
             var = _fma(-avg, avg, var)
-        if (BIAS_CORRECTION & FLAGS) or Q8:  # negative by rounding at step 1 (optax: NaN), or by quantization
-            var = _max_nan(var, 0.0)  # one instruction, NaN kept (-0 -> +0 or -0: the same bits downstream)
+    # negative by rounding at step 1 (optax: NaN), or by quantization: clamped at 0, NaN kept (-0 -> +0 or -0: the
+    # same bits downstream); with the root of var itself, by _root_quotient (on its slow path, in compiled code)
+    clamp: tl.constexpr = CENTERED and ((BIAS_CORRECTION & FLAGS) or Q8)
     if EPS_IN_SQRT & FLAGS:
+        if clamp:
+            var = _max_nan(var, 0.0)
         var = var + eps
     n = g
     if MOMENTUM and (RAW_GRAD_MOMENTUM & FLAGS):  # fastai: a momentum of raw grads, divided after
         buf = momentum * buf + g
         n = buf
-    root, q = _root_quotient(var, n, eps, not (EPS_IN_SQRT & FLAGS), SQRT_BY8)  # q = n / denominator
+    # n = an fp16 grad as loaded (times +-1) needs no range test: inf/NaN makes var inf/NaN (v holds
+    # ((1 - alpha) * g) * g), the slow path's
+    n_f16: tl.constexpr = G_F16 and not ((GRAD_SCALE | WEIGHT_DECAY) & FLAGS) and not (
+        MOMENTUM and (RAW_GRAD_MOMENTUM & FLAGS))
+    root, q = _root_quotient(var, n, eps, not (EPS_IN_SQRT & FLAGS), SQRT_BY8,
+                             clamp and not (EPS_IN_SQRT & FLAGS), n_f16)  # q = n / denominator
     if MOMENTUM:
         if RAW_GRAD_MOMENTUM & FLAGS:
             p = p - lr * q
@@ -705,7 +753,7 @@ def _update_chunk_q8(
         a_lo = _q8_decode(aw_lo, as_, True)
     p_lo, v_lo, b_lo, a_lo = _update_q8(p_lo, g_lo, v_lo, b_lo, a_lo, left, lr, alpha, one_minus_alpha, eps,
                                         weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
-                                        FULL_ALIGNED, SQRT_BY8)
+                                        FULL_ALIGNED, SQRT_BY8, tl.float16 == P_DTYPE)
     v_hi = _q8_decode(vw_hi, vs, False)
     b_hi, a_hi = v_hi, v_hi
     if MOMENTUM:
@@ -714,7 +762,7 @@ def _update_chunk_q8(
         a_hi = _q8_decode(aw_hi, as_, True)
     p_hi, v_hi, b_hi, a_hi = _update_q8(p_hi, g_hi, v_hi, b_hi, a_hi, left - 8, lr, alpha, one_minus_alpha, eps,
                                         weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
-                                        FULL_ALIGNED, SQRT_BY8)
+                                        FULL_ALIGNED, SQRT_BY8, tl.float16 == P_DTYPE)
     # random bits (kernels/rmsprop.cu: q8_chunk): pair 0 for p (low half, with SR) and square_avg's codes (high),
     # pair 1 for momentum_buffer (low) and grad_avg (high)
     base = _hash_base(key, start + rows * 16)
@@ -806,16 +854,16 @@ def _update_q8(
     p, g, v, b, a, left,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
     MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr, FULL_ALIGNED: tl.constexpr,
-    SQRT_BY8: tl.constexpr,
+    SQRT_BY8: tl.constexpr, G_F16: tl.constexpr,
 ):
     """One half's update from decoded 8-bit state: returns p, sqrt of the variance (what square_avg stores; centered
     sqrt(v - ga^2): its quantization error is relative to the variance, kernels/rmsprop.cu: q8_chunk), buf, ga.
-    SQRT_BY8: the roots 8 at a time (_sqrt)."""
+    SQRT_BY8: the roots 8 at a time (_sqrt). G_F16: fp16 grads (_update)."""
     v = v * v
     if CENTERED:
         v = v + a * a
     p, v, b, a, root = _update(p, g, v, b, a, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
-                               grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS, True, SQRT_BY8)
+                               grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS, True, SQRT_BY8, G_F16)
     if CENTERED:
         v = v - a * a
         v = _max_nan(v, 0.0)

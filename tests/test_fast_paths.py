@@ -70,7 +70,12 @@ def run_ptx(lines: list[str], regs: dict, rcp_ulps: int, rsqrt_ulps: int) -> dic
             continue
         op, args = m.group(1), [a.strip() for a in m.group(2).rstrip(";").split(",")]
         src = [val(a) for a in args[1:]]
-        if op == "rcp.approx.ftz.f32":
+        if op in ("mul.f32", "mul.rn.f32", "fma.rn.f32", "add.rn.f32") and 0.0 in src[:2]:  # signed zeros (and
+            # a zero product's sum): IEEE's signs, which exact rationals drop
+            prod = src[0] * src[1] if op != "add.rn.f32" else src[0]
+            rest = src[2] if op == "fma.rn.f32" else src[1] if op == "add.rn.f32" else None
+            out = prod if rest is None else prod + rest if prod == 0.0 and rest == 0.0 else rn32(Q(prod) + Q(rest))
+        elif op == "rcp.approx.ftz.f32":
             out = ulps(rn32(1 / Q(src[0])), rcp_ulps)
         elif op == "rsqrt.approx.ftz.f32":
             out = ulps(float(np.float32(1 / math.sqrt(src[0]))), rsqrt_ulps)
@@ -100,7 +105,7 @@ def cuda_division() -> list[str]:
 
 def triton_fast_path(add_eps: bool) -> list[str]:
     """The fast branch of _root_quotient8_asm for the first of its 8 values ($0 root, $8 quotient)."""
-    asm = _root_quotient8_asm(add_eps)
+    asm = _root_quotient8_asm(add_eps, False, True)
     fast = asm.split("bra ROOTQ_SLOW_${:uid};\n")[1].split("bra.uni")[0].splitlines()
     return fast[:fast.index(next(s for s in fast if s.startswith("fma.rn.f32 $8,"))) + 1]
 
@@ -135,45 +140,96 @@ def test_the_cuda_division_is_correctly_rounded_in_its_range():
 
 @pytest.mark.parametrize("add_eps", [True, False])
 def test_the_triton_root_and_quotient_are_correctly_rounded_in_their_range(add_eps):
+    """x in [2^-96, 2^32), n 0 or in +-[2^-60, 2^68), eps in [0, 2^63], the ends included; n = -0 gives -0."""
     lines = triton_fast_path(add_eps)
     rng = random.Random(1)
-    for i in range(400):
-        x = loguniform(rng, -101, 127) if i else math.ldexp(1, -101)
+    for i in range(500):
+        x = loguniform(rng, -96, 31) if i else math.ldexp(1, -96)
         if i % 3 == 1:  # mantissas of all ones
-            x = float(np.float32(math.ldexp(2 - 2**-23 * rng.randint(1, 4), rng.randint(-101, 127))))
-        n = loguniform(rng, -60, 59) * rng.choice((-1, 1))
+            x = float(np.float32(math.ldexp(2 - 2**-23 * rng.randint(1, 4), rng.randint(-96, 31))))
+        n = loguniform(rng, -60, 67) * rng.choice((-1, 1))
+        if i % 50 == 2:
+            n = rng.choice((0.0, -0.0, math.ldexp(1, -60), -float(np.nextafter(np.float32(2.0**68), np.float32(0)))))
         eps = rng.choice((0.0, 1e-8, 1e-3, 1.0, math.ldexp(1, 63))) if add_eps else 0.0
         root = rn_sqrt(x)
         d = rn32(Q(root) + Q(eps)) if add_eps else root
-        want = rn32(Q(n) / Q(d))
+        want = math.copysign(rn32(Q(n) / Q(d)), n)
         for s in RSQRT_ULPS:
             regs = run_ptx(lines, {"$16": x, "$24": n, "$32": eps}, 0, s)
-            assert (regs["$0"], regs["$8"]) == (root, want), (x, n, eps, s)
+            got = regs["$8"]
+            assert (regs["$0"], got, math.copysign(1, got)) == (root, want, math.copysign(1, want)), (x, n, eps, s)
 
 
 def bits(x: float) -> int:
     return int(np.float32(x).view(np.uint32))
 
 
-@pytest.mark.parametrize("add_eps", [True, False])
-def test_the_range_tests_admit_exactly_the_fast_paths_range(add_eps):
-    """CUDA C: 2|n| bits - c > r means slow (div_rn_all); Triton: the same by mad.lo and one max, the roots' by
-    sub and max (as sqrt_rn_all), eps by its bits."""
-    cu = CU.read_text()
-    c, r = (int(v, 16) for v in re.search(r"\* 2u - (0x[0-9A-F]+)u > (0x[0-9A-F]+)u", cu).groups())
-    asm = _root_quotient8_asm(add_eps)
-    t_add = int(re.search(r"mad\.lo\.u32 w, \$24, 2, (0x[0-9A-F]+)", asm).group(1), 16)
-    t_r = int(re.search(r"setp\.gt\.u32 bad, w, (0x[0-9A-F]+)", asm).group(1), 16)
-    eps_max = int(re.search(r"setp\.gt\.u32 bad, \$32, (0x[0-9A-F]+)", asm).group(1), 16)
+def below(x: float) -> float:
+    return float(np.nextafter(np.float32(x), np.float32(0)))
+
+
+def test_the_cuda_range_test_admits_exactly_div_rn_fasts_range():
+    """CUDA C: 2|n| bits - c > r means slow (div_rn_all)."""
+    c, r = (int(v, 16) for v in re.search(r"\* 2u - (0x[0-9A-F]+)u > (0x[0-9A-F]+)u", CU.read_text()).groups())
     lo, hi = math.ldexp(1, -60), math.ldexp(1, 60)
-    for n in (0.0, -0.0, lo, -lo, hi, -hi, float(np.nextafter(np.float32(lo), 0)), float(np.nextafter(np.float32(hi),
-              np.float32(np.inf))), 1.0, -3.5, float("inf"), float("nan"), 1e-40):
-        fast = lo <= abs(n) <= hi
-        assert ((bits(n) * 2 - c) % 2**32 <= r) == fast, n
-        assert ((bits(n) * 2 + t_add) % 2**32 <= t_r) == fast, n
+    for n in (0.0, -0.0, lo, -lo, hi, -hi, below(lo), float(np.nextafter(np.float32(hi), np.float32(np.inf))), 1.0,
+              -3.5, float("inf"), float("nan"), 1e-40):
+        assert ((bits(n) * 2 - c) % 2**32 <= r) == (lo <= abs(n) <= hi), n
+
+
+@pytest.mark.parametrize("test_n", [True, False], ids=["test_n", "fp16_n"])
+@pytest.mark.parametrize("add_eps,clamp", [(True, False), (False, False), (True, True)], ids=["eps", "eps_in", "clamp"])
+def test_the_triton_range_tests_admit_exactly_the_fast_paths_range(add_eps, clamp, test_n):
+    """Each window by an OR of offset bits: x - lo below 2^30 (x in [2^-96, 2^32)), 2|n| + c below 2^31 (|n| in
+    [2^-60, 2^68)), or no test of n (fp16 grads); eps by its bits. clamp: the slow path's roots are of max(x, 0)."""
+    asm = _root_quotient8_asm(add_eps, clamp, test_n)
+    x_lo = int(re.search(r"sub\.u32 u0, \$16, (0x[0-9A-F]+)", asm).group(1), 16)
+    x_width = int(re.search(r"setp\.ge\.u32 slow, m, (0x[0-9A-F]+)", asm).group(1), 16)
+    eps_max = int(re.search(r"setp\.gt\.u32 bad, \$32, (0x[0-9A-F]+)", asm).group(1), 16)
+    assert asm.count("or.b32 m,") == 7 * (1 + test_n) and asm.count("sub.u32") == 8
+    for x in (math.ldexp(1, -96), below(2.0**-96), below(2.0**32), 2.0**32, 1.0, 0.0, -0.0, -1e-30, 1e-40,
+              float("inf"), float("nan"), 3.4e38):
+        assert (((bits(x) - x_lo) % 2**32) < x_width) == (2.0**-96 <= x < 2.0**32), x
+    if test_n:
+        n_add = int(re.search(r"mad\.lo\.u32 u0, \$24, 2, (0x[0-9A-F]+)", asm).group(1), 16)
+        n_width = int(re.search(r"setp\.ge\.u32 bad, m, (0x[0-9A-F]+)", asm).group(1), 16)
+        lo, hi = math.ldexp(1, -60), math.ldexp(1, 68)
+        for n in (0.0, -0.0, lo, -lo, below(hi), -below(hi), hi, -hi, below(lo), 1.0, -3.5, float("inf"),
+                  float("nan"), 1e-40):
+            assert (((bits(n) * 2 + n_add) % 2**32) < n_width) == (lo <= abs(n) < hi), n
+    else:
+        assert "$24, 2," not in asm
     for eps in (0.0, 1e-8, math.ldexp(1, 63), float(np.nextafter(np.float32(2.0**63), np.float32(np.inf))), -0.0,
                 -1e-8, float("nan"), float("inf")):
         assert (bits(eps) <= eps_max) == (eps >= 0 and eps <= 2.0**63 and math.copysign(1, eps) > 0), eps
+    slow = asm.split("ROOTQ_SLOW_${:uid}:")[1]
+    roots = re.findall(r"sqrt\.rn\.f32 \$(\d+), (\S+);", slow)
+    assert len(roots) == 8 and all(src == ("d" if clamp else f"${16 + int(k)}") for k, src in roots)
+    assert slow.count("max.NaN.f32 d, $") == (8 if clamp else 0)
+
+
+def f16_values() -> np.ndarray:
+    return np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def test_fp16_grads_need_no_range_test():
+    """_update's N_F16: every finite fp16 but 0 is in the quotient's range, and an inf/NaN grad makes the variance
+    inf/NaN (outside x's window, so the slow path divides), whatever alpha, the old average and centering."""
+    g = f16_values()
+    finite = g[np.isfinite(g) & (g != 0)]
+    assert np.abs(finite).min() >= 2.0**-60 and np.abs(finite).max() < 2.0**68
+    for bad in (np.inf, -np.inf, np.nan):
+        g = np.float32(bad)
+        for alpha in (0.0, 0.5, 0.99, 1.0, 2.0):
+            a, one_minus = np.float32(alpha), np.float32(1 - alpha)
+            for v_old in (0.0, 1e-30, 1.0, 3e38):
+                v = a * np.float32(v_old) + (one_minus * g) * g  # _update's order
+                for ga_old in (None, 0.0, -2.0):  # centered: var = v - ga^2 (clamped: NaN stays NaN)
+                    var = v
+                    if ga_old is not None:
+                        ga = np.float32(ga_old) + one_minus * (g - np.float32(ga_old))
+                        var = var - ga * ga
+                    assert not (2.0**-96 <= var < 2.0**32), (bad, alpha, v_old, ga_old, var)
 
 
 def run_int_ptx(asm: str, inputs: list[int]) -> int:
@@ -243,8 +299,9 @@ def test_the_triton_encode_asm_writes_the_specified_codes(signed, one_mul):
         r = rng.integers(0, 2**16, 4)
         keep = 0 if rng.random() < 0.05 else 0xFFFFFFFF
         xb = [int(v) for v in x.view(np.uint32)]
+        limit = [keep & (0x007FFFFF if signed else 0x00FFFFFF)] * 4  # the largest sum with the byte's code; 0 masks
         got = run_int_ptx(asm, xb + [int(v) for v in r] + [int(np.array([f], np.float32).view(np.uint32)[0])] * 4
-                          + [keep] * 4)
+                          + limit + ([keep & 0x80808080] * 4 if signed else []))
         y = np.abs(x) * f if one_mul else (np.abs(x) * f) * np.float32(2.0**-112)
         want = 0
         for k in range(4):

@@ -51,11 +51,12 @@ def constexprs(param_dtype: str, state_dtype: str, flags: int, momentum: bool, c
 
 
 # 8-bit state: 2 warps (rmsprop_gpu/abi.py: threads), each thread two quantization blocks (rows r and r + 64 of the
-# chunk's [128, 8] halves), every load of both issued before the first use. ptxas then takes up to 255 registers
-# (8 warps per SM, twice the bytes in flight per thread of 4 warps at 168); capped at 168 (12 warps) it spills.
-# Centered alone is capped at 200 (10 warps) but on sm_90 with stochastic rounding: at 8 warps ptxas issues its
-# last loads after the first wait (sm_80 fp16, sm_90 bf16 without stochastic rounding: slack 1.08); sm_90's
-# stochastic-rounding kernels fit better uncapped (bf16 79.8% of an H200 against 80.9%; static report).
+# chunk's [128, 8] halves), every load of both issued before the first use. Up to 255 registers (8 warps per SM,
+# twice the bytes in flight per thread of 4 warps at 168), said explicitly: left to itself ptxas may pick 168 and
+# spill (momentum fp16 and bf16 on sm_90). Centered alone is capped at 200 (10 warps) but on sm_90 with stochastic
+# rounding: at 8 warps ptxas issues its last loads after the first wait (sm_80 fp16, sm_90 bf16 without stochastic
+# rounding: slack 1.08); sm_90's stochastic-rounding kernels fit better uncapped (static report).
+Q8_MAX_REGISTERS = 255
 Q8_CENTERED_MAX_REGISTERS = 200
 
 
@@ -65,7 +66,7 @@ def launch_options(state_dtype: str, momentum: bool, centered: bool, arch: int =
     (rmsprop_gpu/abi.py; cached, callers must not modify the dict)."""
     if state_dtype == "uint8":
         sr_sm90 = arch >= 90 and bool(flags & abi.FLAGS["STOCHASTIC_ROUNDING"])
-        cap = Q8_CENTERED_MAX_REGISTERS if centered and not momentum and not sr_sm90 else None
+        cap = Q8_CENTERED_MAX_REGISTERS if centered and not momentum and not sr_sm90 else Q8_MAX_REGISTERS
         return {"num_warps": abi.Q8_THREADS // 32, "maxnreg": cap}
     return {"num_warps": NUM_WARPS}
 
