@@ -91,24 +91,34 @@ def _sqrt8_asm() -> str:
 _SQRT8_ASM: tl.constexpr = tl.constexpr(_sqrt8_asm())
 
 
-def _root_quotient8_asm(add_eps: bool, clamp: bool, test_n: bool) -> str:
+def _root_quotient8_asm(add_eps: bool, clamp: bool, n_test: str) -> str:
     """PTX for a thread's 8 roots and quotients with one range test and branch (kernels/rmsprop.cu: sqrt_rn_all,
     div_rn_all): $0..$7 = sqrt.rn(x), $8..$15 = n / d rounded to nearest, d = root + eps (add_eps) or root, from
-    x $16..$23, n $24..$31, eps $32 (bits). Fast path for x in [2^-96, 2^32), n 0 or in +-[2^-60, 2^68) and eps in
-    [0, 2^63] (div_rn_fast's range), else sqrt.rn and div.rn for all 8. Each range is a window of 2^30 (x) or 2^31
-    (2|n|) bit patterns, so its test is an OR: 1.5 instructions per value where a max chain takes 2.
+    x $16..$23, n $24..$31, eps $32 (bits; $36 with n_test "bf16"). Fast path for x in [2^-96, 2^32), n 0 or in
+    +-[2^-61, 2^68) and eps in [0, 2^63] (div_rn_fast's range), else sqrt.rn and div.rn for all 8. Each range is a
+    window of 2^30 (x) or 2^31 (2|n|) bit patterns, so its test is an OR: 1.5 instructions per value where a max
+    chain takes 2.
     clamp: x below 0 counts as 0 (max.NaN: NaN stays NaN), on the slow path only (the fast path's x is positive).
-    test_n False: the caller knows n is in range, 0, or inf/NaN only where x is inf/NaN (the slow path's): an fp16
-    grad as loaded (_update). The residual is taken negated, d * y - n, so that n = -0 gives -0 as div.rn does
-    (n - d * y is +0 for either zero; for every other n the two residuals are exact negations)."""
+    n_test: "f32" tests |n| in [2^-60, 2^68); "none": the caller knows n is in range, 0, or inf/NaN only where x is
+    inf/NaN (the slow path's): an fp16 grad as loaded (_update); "bf16": n is a bf16 grad as loaded, also given as
+    $32..$35 (two per register, element 2j low): 2|h| + 0x..BD00 for both halves of a register at once, each
+    half's top bit tested (the low half's carry and sign may add 2 to the high half's sum, which is even: the only
+    change is |h| = 0x217F, just below 2^-60, also admitted, and 0x617F, just below 2^68, not).
+    The residual is taken negated, d * y - n, so that n = -0 gives -0 as div.rn does (n - d * y is +0 for either
+    zero; for every other n the two residuals are exact negations)."""
+    e = 36 if n_test == "bf16" else 32
     test = "".join(f"sub.u32 u{k}, ${16 + k}, 0x0F800000;\n" for k in range(8)) + "or.b32 m, u0, u1;\n" + "".join(
         f"or.b32 m, m, u{k};\n" for k in range(2, 8)) + "setp.ge.u32 slow, m, 0x40000000;\n"
-    if test_n:
+    if n_test == "f32":
         test += ("".join(f"mad.lo.u32 u{k}, ${24 + k}, 2, 0xBD000000;\n" for k in range(8)) + "or.b32 m, u0, u1;\n"
                  + "".join(f"or.b32 m, m, u{k};\n" for k in range(2, 8))
                  + "setp.ge.u32 bad, m, 0x80000000;\nor.pred slow, slow, bad;\n")
-    test += "setp.gt.u32 bad, $32, 0x5F000000;\nor.pred slow, slow, bad;\n"
-    denom = (lambda k: f"add.rn.f32 d, ${k}, $32;\n") if add_eps else (lambda k: f"mov.b32 d, ${k};\n")
+    elif n_test == "bf16":
+        test += ("".join(f"mad.lo.u32 u{k}, ${32 + k}, 2, 0xBD00BD00;\n" for k in range(4))
+                 + "or.b32 m, u0, u1;\nor.b32 m, m, u2;\nor.b32 m, m, u3;\nand.b32 m, m, 0x80008000;\n"
+                 "setp.ne.u32 bad, m, 0;\nor.pred slow, slow, bad;\n")
+    test += f"setp.gt.u32 bad, ${e}, 0x5F000000;\nor.pred slow, slow, bad;\n"
+    denom = (lambda k: f"add.rn.f32 d, ${k}, ${e};\n") if add_eps else (lambda k: f"mov.b32 d, ${k};\n")
     fast = "".join(
         _sqrt_fast_ptx(f"${k}", f"${16 + k}") + denom(k)
         + f"rcp.approx.ftz.f32 r, d;\nneg.f32 t, d;\nfma.rn.f32 e, t, r, 0f3F800000;\nfma.rn.f32 r, r, e, r;\n"
@@ -124,13 +134,16 @@ def _root_quotient8_asm(add_eps: bool, clamp: bool, test_n: bool) -> str:
             + "ROOTQ_DONE_${:uid}:\n}")
 
 
-# (add eps, clamp x at 0, test n): _root_quotient picks one
-_ROOT_QUOTIENT8_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, False, True))
-_ROOT_QUOTIENT8_NO_EPS_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(False, False, True))
-_ROOT_QUOTIENT8_CLAMP_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, True, True))
-_ROOT_QUOTIENT8_F16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, False, False))
-_ROOT_QUOTIENT8_NO_EPS_F16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(False, False, False))
-_ROOT_QUOTIENT8_CLAMP_F16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, True, False))
+# _root_quotient's choices: (add eps, clamp x at 0) x n's test (f32, none: fp16 grads, bf16 grads packed)
+_ROOT_QUOTIENT8_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, False, "f32"))
+_ROOT_QUOTIENT8_NO_EPS_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(False, False, "f32"))
+_ROOT_QUOTIENT8_CLAMP_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, True, "f32"))
+_ROOT_QUOTIENT8_F16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, False, "none"))
+_ROOT_QUOTIENT8_NO_EPS_F16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(False, False, "none"))
+_ROOT_QUOTIENT8_CLAMP_F16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, True, "none"))
+_ROOT_QUOTIENT8_BF16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, False, "bf16"))
+_ROOT_QUOTIENT8_NO_EPS_BF16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(False, False, "bf16"))
+_ROOT_QUOTIENT8_CLAMP_BF16_ASM: tl.constexpr = tl.constexpr(_root_quotient8_asm(True, True, "bf16"))
 # Four consecutive codes (pack=4 with uint8 results: the four leave packed in $0, byte k = value k) from the values
 # ($1..$4, float32 bits), their random bits ($5..$8), the block's multiplier ($9..$12) and limit ($13..$16; signed:
 # and sign mask, $17..$20): kernels/rmsprop.cu's q8_sum and q8_encode4, the same operations and selectors. |x| * f
@@ -177,30 +190,43 @@ def _sqrt(x, BY8: tl.constexpr):
 
 @triton.jit
 def _root_quotient(x, n, eps, ADD_EPS: tl.constexpr, BY8: tl.constexpr, CLAMP: tl.constexpr = False,
-                   N_F16: tl.constexpr = False):
+                   N_AS_LOADED: tl.constexpr = None):
     """root = sqrt.rn(x) and n / (root + eps if ADD_EPS else root) rounded to nearest; BY8 (as _sqrt's): one range
     test and branch per 8 of them (_root_quotient8_asm) in compiled code. CLAMP (with ADD_EPS): x below 0 counts as
-    0, NaN stays NaN (in compiled code on the slow path only: the fast path's range is positive). N_F16: n is an
-    fp16 grad as loaded, in range but for 0, inf and NaN, and x inf/NaN where n is (_update): n is not tested."""
+    0, NaN stays NaN (in compiled code on the slow path only: the fast path's range is positive). N_AS_LOADED: n is
+    a grad of this dtype as loaded (times +-1), and x inf/NaN where n is (_update): fp16, in range but for 0, inf and
+    NaN, is not tested; bf16 is tested two at a time."""
     if BY8 and not _INTERPRETED:
-        if CLAMP:
-            if N_F16:
+        if tl.float16 == N_AS_LOADED:
+            if CLAMP:
                 asm: tl.constexpr = _ROOT_QUOTIENT8_CLAMP_F16_ASM
-            else:
-                asm: tl.constexpr = _ROOT_QUOTIENT8_CLAMP_ASM
-        elif ADD_EPS:
-            if N_F16:
+            elif ADD_EPS:
                 asm: tl.constexpr = _ROOT_QUOTIENT8_F16_ASM
             else:
-                asm: tl.constexpr = _ROOT_QUOTIENT8_ASM
-        elif N_F16:
-            asm: tl.constexpr = _ROOT_QUOTIENT8_NO_EPS_F16_ASM
+                asm: tl.constexpr = _ROOT_QUOTIENT8_NO_EPS_F16_ASM
+        elif tl.bfloat16 == N_AS_LOADED:
+            if CLAMP:
+                asm: tl.constexpr = _ROOT_QUOTIENT8_CLAMP_BF16_ASM
+            elif ADD_EPS:
+                asm: tl.constexpr = _ROOT_QUOTIENT8_BF16_ASM
+            else:
+                asm: tl.constexpr = _ROOT_QUOTIENT8_NO_EPS_BF16_ASM
+        elif CLAMP:
+            asm: tl.constexpr = _ROOT_QUOTIENT8_CLAMP_ASM
+        elif ADD_EPS:
+            asm: tl.constexpr = _ROOT_QUOTIENT8_ASM
         else:
             asm: tl.constexpr = _ROOT_QUOTIENT8_NO_EPS_ASM
-        root, q = tl.inline_asm_elementwise(
-            asm, "=&r," * 16 + "r," * 23 + "r",
-            [x.to(tl.uint32, bitcast=True), n.to(tl.uint32, bitcast=True), eps.to(tl.uint32, bitcast=True)],
-            dtype=(tl.uint32, tl.uint32), is_pure=True, pack=8)
+        xb = x.to(tl.uint32, bitcast=True)
+        nb = n.to(tl.uint32, bitcast=True)
+        eb = eps.to(tl.uint32, bitcast=True)
+        if tl.bfloat16 == N_AS_LOADED:  # (exact: n is a bf16)
+            root, q = tl.inline_asm_elementwise(asm, "=&r," * 16 + "r," * 27 + "r",
+                                                [xb, nb, n.to(tl.bfloat16).to(tl.uint16, bitcast=True), eb],
+                                                dtype=(tl.uint32, tl.uint32), is_pure=True, pack=8)
+        else:
+            root, q = tl.inline_asm_elementwise(asm, "=&r," * 16 + "r," * 23 + "r", [xb, nb, eb],
+                                                dtype=(tl.uint32, tl.uint32), is_pure=True, pack=8)
         return root.to(tl.float32, bitcast=True), q.to(tl.float32, bitcast=True)
     else:
         if CLAMP:
@@ -505,13 +531,14 @@ def _update(
     p, g, v, buf, ga,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
     MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr,
-    Q8: tl.constexpr = False, SQRT_BY8: tl.constexpr = False, G_F16: tl.constexpr = False,
+    Q8: tl.constexpr = False, SQRT_BY8: tl.constexpr = False, G_DTYPE: tl.constexpr = None,
 ):
     """The update of one tile in float32: returns the new p, v, buf, ga (buf/ga unchanged when not used) and the
     root the denominator took.
     Q8: 8-bit state, whose v and grad_avg can cross (v - ga^2 < 0): clamped at 0.
     SQRT_BY8: roots 8 at a time (_sqrt; the caller's layout allows it).
-    G_F16: g was loaded from fp16: 0, inf, NaN or within [2^-24, 65504] in magnitude."""
+    G_DTYPE: the dtype g was loaded from (the 8-bit chunk's; fp16: 0, inf, NaN or within [2^-24, 65504] in
+    magnitude)."""
     if GRAD_SCALE & FLAGS:
         g = tl.div_rn(g, grad_scale)  # exactly torch's unscale
     if MAXIMIZE & FLAGS:  # per slot: sign is -1 for maximize, +1 otherwise (exact either way)
@@ -545,12 +572,13 @@ def _update(
     if MOMENTUM and (RAW_GRAD_MOMENTUM & FLAGS):  # fastai: a momentum of raw grads, divided after
         buf = momentum * buf + g
         n = buf
-    # n = an fp16 grad as loaded (times +-1) needs no range test: inf/NaN makes var inf/NaN (v holds
-    # ((1 - alpha) * g) * g), the slow path's
-    n_f16: tl.constexpr = G_F16 and not ((GRAD_SCALE | WEIGHT_DECAY) & FLAGS) and not (
+    # n = a 16-bit grad as loaded (times +-1): a cheaper range test, none for fp16 (inf/NaN makes var inf/NaN, the
+    # slow path's: v holds ((1 - alpha) * g) * g)
+    as_loaded: tl.constexpr = not ((GRAD_SCALE | WEIGHT_DECAY) & FLAGS) and not (
         MOMENTUM and (RAW_GRAD_MOMENTUM & FLAGS))
+    n_dtype: tl.constexpr = G_DTYPE if as_loaded else None
     root, q = _root_quotient(var, n, eps, not (EPS_IN_SQRT & FLAGS), SQRT_BY8,
-                             clamp and not (EPS_IN_SQRT & FLAGS), n_f16)  # q = n / denominator
+                             clamp and not (EPS_IN_SQRT & FLAGS), n_dtype)  # q = n / denominator
     if MOMENTUM:
         if RAW_GRAD_MOMENTUM & FLAGS:
             p = p - lr * q
@@ -753,7 +781,7 @@ def _update_chunk_q8(
         a_lo = _q8_decode(aw_lo, as_, True)
     p_lo, v_lo, b_lo, a_lo = _update_q8(p_lo, g_lo, v_lo, b_lo, a_lo, left, lr, alpha, one_minus_alpha, eps,
                                         weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
-                                        FULL_ALIGNED, SQRT_BY8, tl.float16 == P_DTYPE)
+                                        FULL_ALIGNED, SQRT_BY8, P_DTYPE)
     v_hi = _q8_decode(vw_hi, vs, False)
     b_hi, a_hi = v_hi, v_hi
     if MOMENTUM:
@@ -762,7 +790,7 @@ def _update_chunk_q8(
         a_hi = _q8_decode(aw_hi, as_, True)
     p_hi, v_hi, b_hi, a_hi = _update_q8(p_hi, g_hi, v_hi, b_hi, a_hi, left - 8, lr, alpha, one_minus_alpha, eps,
                                         weight_decay, momentum, sign, grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS,
-                                        FULL_ALIGNED, SQRT_BY8, tl.float16 == P_DTYPE)
+                                        FULL_ALIGNED, SQRT_BY8, P_DTYPE)
     # random bits (kernels/rmsprop.cu: q8_chunk): pair 0 for p (low half, with SR) and square_avg's codes (high),
     # pair 1 for momentum_buffer (low) and grad_avg (high)
     base = _hash_base(key, start + rows * 16)
@@ -854,16 +882,16 @@ def _update_q8(
     p, g, v, b, a, left,
     lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign, grad_scale, inv_bc,
     MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FLAGS: tl.constexpr, FULL_ALIGNED: tl.constexpr,
-    SQRT_BY8: tl.constexpr, G_F16: tl.constexpr,
+    SQRT_BY8: tl.constexpr, G_DTYPE: tl.constexpr,
 ):
     """One half's update from decoded 8-bit state: returns p, sqrt of the variance (what square_avg stores; centered
     sqrt(v - ga^2): its quantization error is relative to the variance, kernels/rmsprop.cu: q8_chunk), buf, ga.
-    SQRT_BY8: the roots 8 at a time (_sqrt). G_F16: fp16 grads (_update)."""
+    SQRT_BY8: the roots 8 at a time (_sqrt). G_DTYPE: the grads' dtype (_update)."""
     v = v * v
     if CENTERED:
         v = v + a * a
     p, v, b, a, root = _update(p, g, v, b, a, lr, alpha, one_minus_alpha, eps, weight_decay, momentum, sign,
-                               grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS, True, SQRT_BY8, G_F16)
+                               grad_scale, inv_bc, MOMENTUM, CENTERED, FLAGS, True, SQRT_BY8, G_DTYPE)
     if CENTERED:
         v = v - a * a
         v = _max_nan(v, 0.0)

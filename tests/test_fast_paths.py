@@ -105,7 +105,7 @@ def cuda_division() -> list[str]:
 
 def triton_fast_path(add_eps: bool) -> list[str]:
     """The fast branch of _root_quotient8_asm for the first of its 8 values ($0 root, $8 quotient)."""
-    asm = _root_quotient8_asm(add_eps, False, True)
+    asm = _root_quotient8_asm(add_eps, False, "f32")
     fast = asm.split("bra ROOTQ_SLOW_${:uid};\n")[1].split("bra.uni")[0].splitlines()
     return fast[:fast.index(next(s for s in fast if s.startswith("fma.rn.f32 $8,"))) + 1]
 
@@ -140,16 +140,16 @@ def test_the_cuda_division_is_correctly_rounded_in_its_range():
 
 @pytest.mark.parametrize("add_eps", [True, False])
 def test_the_triton_root_and_quotient_are_correctly_rounded_in_their_range(add_eps):
-    """x in [2^-96, 2^32), n 0 or in +-[2^-60, 2^68), eps in [0, 2^63], the ends included; n = -0 gives -0."""
+    """x in [2^-96, 2^32), n 0 or in +-[2^-61, 2^68), eps in [0, 2^63], the ends included; n = -0 gives -0."""
     lines = triton_fast_path(add_eps)
     rng = random.Random(1)
     for i in range(500):
         x = loguniform(rng, -96, 31) if i else math.ldexp(1, -96)
         if i % 3 == 1:  # mantissas of all ones
             x = float(np.float32(math.ldexp(2 - 2**-23 * rng.randint(1, 4), rng.randint(-96, 31))))
-        n = loguniform(rng, -60, 67) * rng.choice((-1, 1))
+        n = loguniform(rng, -61, 67) * rng.choice((-1, 1))
         if i % 50 == 2:
-            n = rng.choice((0.0, -0.0, math.ldexp(1, -60), -float(np.nextafter(np.float32(2.0**68), np.float32(0)))))
+            n = rng.choice((0.0, -0.0, math.ldexp(1, -61), -float(np.nextafter(np.float32(2.0**68), np.float32(0)))))
         eps = rng.choice((0.0, 1e-8, 1e-3, 1.0, math.ldexp(1, 63))) if add_eps else 0.0
         root = rn_sqrt(x)
         d = rn32(Q(root) + Q(eps)) if add_eps else root
@@ -177,20 +177,23 @@ def test_the_cuda_range_test_admits_exactly_div_rn_fasts_range():
         assert ((bits(n) * 2 - c) % 2**32 <= r) == (lo <= abs(n) <= hi), n
 
 
-@pytest.mark.parametrize("test_n", [True, False], ids=["test_n", "fp16_n"])
+@pytest.mark.parametrize("n_test", ["f32", "none", "bf16"])
 @pytest.mark.parametrize("add_eps,clamp", [(True, False), (False, False), (True, True)], ids=["eps", "eps_in", "clamp"])
-def test_the_triton_range_tests_admit_exactly_the_fast_paths_range(add_eps, clamp, test_n):
+def test_the_triton_range_tests_admit_exactly_the_fast_paths_range(add_eps, clamp, n_test):
     """Each window by an OR of offset bits: x - lo below 2^30 (x in [2^-96, 2^32)), 2|n| + c below 2^31 (|n| in
-    [2^-60, 2^68)), or no test of n (fp16 grads); eps by its bits. clamp: the slow path's roots are of max(x, 0)."""
-    asm = _root_quotient8_asm(add_eps, clamp, test_n)
+    [2^-60, 2^68)), no test of n (fp16 grads) or two bf16 grads per register (the next test); eps by its bits.
+    clamp: the slow path's roots are of max(x, 0)."""
+    asm = _root_quotient8_asm(add_eps, clamp, n_test)
     x_lo = int(re.search(r"sub\.u32 u0, \$16, (0x[0-9A-F]+)", asm).group(1), 16)
     x_width = int(re.search(r"setp\.ge\.u32 slow, m, (0x[0-9A-F]+)", asm).group(1), 16)
-    eps_max = int(re.search(r"setp\.gt\.u32 bad, \$32, (0x[0-9A-F]+)", asm).group(1), 16)
-    assert asm.count("or.b32 m,") == 7 * (1 + test_n) and asm.count("sub.u32") == 8
+    eps_reg = 36 if n_test == "bf16" else 32
+    eps_max = int(re.search(rf"setp\.gt\.u32 bad, \${eps_reg}, (0x[0-9A-F]+)", asm).group(1), 16)
+    assert asm.count("or.b32 m,") == {"f32": 14, "none": 7, "bf16": 10}[n_test] and asm.count("sub.u32") == 8
+    assert all(f"${eps_reg}" in line for line in asm.splitlines() if line.startswith("add.rn.f32 d"))
     for x in (math.ldexp(1, -96), below(2.0**-96), below(2.0**32), 2.0**32, 1.0, 0.0, -0.0, -1e-30, 1e-40,
               float("inf"), float("nan"), 3.4e38):
         assert (((bits(x) - x_lo) % 2**32) < x_width) == (2.0**-96 <= x < 2.0**32), x
-    if test_n:
+    if n_test == "f32":
         n_add = int(re.search(r"mad\.lo\.u32 u0, \$24, 2, (0x[0-9A-F]+)", asm).group(1), 16)
         n_width = int(re.search(r"setp\.ge\.u32 bad, m, (0x[0-9A-F]+)", asm).group(1), 16)
         lo, hi = math.ldexp(1, -60), math.ldexp(1, 68)
@@ -198,7 +201,7 @@ def test_the_triton_range_tests_admit_exactly_the_fast_paths_range(add_eps, clam
                   float("nan"), 1e-40):
             assert (((bits(n) * 2 + n_add) % 2**32) < n_width) == (lo <= abs(n) < hi), n
     else:
-        assert "$24, 2," not in asm
+        assert "$24, 2," not in asm and ("$32, 2," in asm) == (n_test == "bf16")
     for eps in (0.0, 1e-8, math.ldexp(1, 63), float(np.nextafter(np.float32(2.0**63), np.float32(np.inf))), -0.0,
                 -1e-8, float("nan"), float("inf")):
         assert (bits(eps) <= eps_max) == (eps >= 0 and eps <= 2.0**63 and math.copysign(1, eps) > 0), eps
@@ -206,6 +209,29 @@ def test_the_triton_range_tests_admit_exactly_the_fast_paths_range(add_eps, clam
     roots = re.findall(r"sqrt\.rn\.f32 \$(\d+), (\S+);", slow)
     assert len(roots) == 8 and all(src == ("d" if clamp else f"${16 + int(k)}") for k, src in roots)
     assert slow.count("max.NaN.f32 d, $") == (8 if clamp else 0)
+
+
+def test_the_bf16_grads_test_admits_the_window_two_at_a_time():
+    """n_test "bf16": 2|h| + 0xBD00 for both halves of a register by one mad, each half's top bit tested. Over
+    every high half and a spread of low halves (signs, the window's ends, zeros, inf/NaN): admitted pairs have both
+    |h| in [2^-60, 2^68) but the high one may be 0x217F (in the fast path's range, [2^-61, 2^68)), and every pair in
+    the window is admitted but a high 0x617F."""
+    asm = _root_quotient8_asm(True, False, "bf16")
+    add = int(re.search(r"mad\.lo\.u32 u0, \$32, 2, (0x[0-9A-F]+)", asm).group(1), 16)
+    mask = int(re.search(r"and\.b32 m, m, (0x[0-9A-F]+)", asm).group(1), 16)
+    hi = np.arange(2**16, dtype=np.uint64)
+    lo_mags = [0, 1, 0x2100, 0x217F, 0x2180, 0x2181, 0x3F80, 0x617F, 0x6180, 0x7F80, 0x7FC0, 0x7FFF]
+    lo_mags += list(range(0x2180, 0x6180, 97))
+
+    def win(h):  # |h| in [2^-60, 2^68)
+        return ((h & 0x7FFF) >= 0x2180) & ((h & 0x7FFF) < 0x6180)
+
+    hi_mag = hi & 0x7FFF
+    for lo in [m | s for m in lo_mags for s in (0, 0x8000)]:
+        w = (hi << 16) | lo
+        admitted = (((w * 2 + add) % 2**32) & mask) == 0
+        assert not (admitted & ~(win(hi) | (hi_mag == 0x217F))).any() and (not admitted.any() or win(lo)), lo
+        assert (admitted | ~win(hi) | (hi_mag == 0x617F)).all() or not win(lo), lo
 
 
 def f16_values() -> np.ndarray:
