@@ -311,6 +311,8 @@ __device__ __forceinline__ void store_out(T* ptr, const float (&in)[N], bool sr,
 // elements one thread owns here. square_avg stores sqrt(v) as unsigned E4M4 codes, momentum_buffer and grad_avg
 // signed E4M3; a block's values are code * 2^(s - 127) (s = 255: the block held inf/NaN, it decodes to NaN).
 struct q8 { unsigned char bits; };
+template <typename T> struct is_f16 { static constexpr bool value = false; };
+template <> struct is_f16<f16> { static constexpr bool value = true; };
 template <typename T> struct is_q8 { static constexpr bool value = false; };
 template <> struct is_q8<q8> { static constexpr bool value = true; };
 
@@ -392,27 +394,30 @@ __device__ __forceinline__ u32 min_u16x2(u32 a, u32 b) {
   return (a >> 16 < b >> 16 ? a >> 16 : b >> 16) << 16 | lo;
 #endif
 }
-// Four codes in a word (byte k: element k); signed: the sign of each value on top (bit 7 of its byte)
+// Four codes in a word (byte k: element k); signed: the sign of each value on top (bit 7 of its byte). keep: 0 for
+// a block that held inf/NaN, whose codes are 0: its sums saturate at 0 and its signs are masked (no instruction of
+// their own).
 template <bool SIGNED, bool ONE_MUL>
-__device__ __forceinline__ u32 q8_encode4(const float* x, float f, const u32* r) {
+__device__ __forceinline__ u32 q8_encode4(const float* x, float f, const u32* r, u32 keep) {
   constexpr u32 MAX = SIGNED ? 127u : 255u;
   u32 s[4];
 #pragma unroll
   for (int k = 0; k < 4; ++k) s[k] = q8_sum<SIGNED, ONE_MUL>(x[k], f, r[k]);
   u32 w;
   if (Q8_PAIR_MIN) {  // the high halves of two sums in one register, saturated together
-    const u32 lo = min_u16x2(prmt(s[0], s[1], 0x7632u), MAX * 0x10001u);
-    const u32 hi = min_u16x2(prmt(s[2], s[3], 0x7632u), MAX * 0x10001u);
+    const u32 lo = min_u16x2(prmt(s[0], s[1], 0x7632u), MAX * 0x10001u & keep);
+    const u32 hi = min_u16x2(prmt(s[2], s[3], 0x7632u), MAX * 0x10001u & keep);
     w = prmt(lo, hi, 0x6420u);
   } else {  // each sum saturated, then byte 2 of each
+    const u32 limit = (MAX << 16 | 0xFFFFu) & keep;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) s[k] = s[k] < (MAX << 16 | 0xFFFFu) ? s[k] : MAX << 16 | 0xFFFFu;  // a min
+    for (int k = 0; k < 4; ++k) s[k] = s[k] < limit ? s[k] : limit;  // a min
     w = prmt(prmt(s[0], s[1], 0x0062u), prmt(s[2], s[3], 0x0062u), 0x5410u);
   }
   if (!SIGNED) return w;
   const u32 b[4] = {__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]), __float_as_uint(x[3])};
   const u32 signs = prmt(prmt(b[0], b[1], 0x00FBu), prmt(b[2], b[3], 0x00FBu), 0x5410u);  // 0xFF or 0 per byte
-  return w | (signs & 0x80808080u);
+  return w | (signs & (0x80808080u & keep));
 }
 // One thread's block of 16 as loaded: its codes (one 128-bit access on the full path) and its scale byte. Loaded
 // raw, decoded later, so that every load of the chunk is issued before the first wait.
@@ -444,12 +449,12 @@ template <bool SIGNED, bool FULL, bool ONE_MUL>
 __device__ __forceinline__ void q8_store(unsigned char* q, i64 n16, i64 i, const float (&x)[16], u32 s,
                                          const u32 (&r)[16]) {
   // a block that held inf/NaN: codes 0 (scale 255). Masked, not tested: every path through the code encodes
-  const u32 keep = ((s + 1u) >> 8) - 1u;  // 0 for s = 255, else all ones
+  const u32 keep = ((s + 1u) >> 8) - 1u;  // 0 for s = 255, else all ones (q8_encode4)
   const float inv = __uint_as_float((254u - s) << 23);  // 2^(127 - s)
   const float f = ONE_MUL ? inv * Q8_TWO_M112 : inv;   // 2^(15 - s), exact while s <= 164
   u32 w[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) w[j] = q8_encode4<SIGNED, ONE_MUL>(x + 4 * j, f, r + 4 * j) & keep;
+  for (int j = 0; j < 4; ++j) w[j] = q8_encode4<SIGNED, ONE_MUL>(x + 4 * j, f, r + 4 * j, keep);
   if (FULL) {
     uint4 out;  // (r: the random bits)
     out.x = w[0]; out.y = w[1]; out.z = w[2]; out.w = w[3];
@@ -470,7 +475,9 @@ struct Hyper {
 // of several elements together, sqrt_rn_all and div_rn_all); p, v, buf, ga are read and written in registers. h.flags is a compile-time
 // constant unless the kernel reads its flags at run time, so each flag test below folds away.
 // First half: g as the update uses it, the averages, and the value whose root the denominator takes.
-template <bool CENTERED, bool CLAMP_VAR = false>
+// Q8: 8-bit state, whose v and ga can cross: var clamped at 0 (NaN kept), by the caller's sqrt_rn_all on its slow
+// path unless eps is added inside the root.
+template <bool CENTERED, bool Q8 = false>
 __device__ __forceinline__ float update_var(float& p, float& g, float& v, float& ga, const Hyper& h) {
   if (h.flags & GRAD_SCALE) g = __fdiv_rn(g, h.grad_scale);
   if (h.flags & MAXIMIZE) g = g * h.sign;  // per slot: -1 maximizes, +1 keeps g (exact either way)
@@ -487,9 +494,9 @@ __device__ __forceinline__ float update_var(float& p, float& g, float& v, float&
     const float avg = bias ? ga * h.inv_bc : ga;
     // torch's addcmul(value=-1) is an FMA: v = inf stays inf though avg^2 overflows. optax subtracts (clamped
     // below); 8-bit: an infinite average is a NaN block anyway
-    var = (bias || CLAMP_VAR) ? var - avg * avg : fmaf(-avg, avg, var);
+    var = (bias || Q8) ? var - avg * avg : fmaf(-avg, avg, var);
     // rounding at step 1 (optax then gives NaN), or 8-bit v and grad_avg crossing; NaN stays NaN
-    if (bias || CLAMP_VAR) var = clamp0_nan(var);
+    if ((bias && !Q8) || (Q8 && (h.flags & EPS_IN_SQRT))) var = clamp0_nan(var);
   }
   return (h.flags & EPS_IN_SQRT) ? var + h.eps : var;
 }
@@ -531,11 +538,13 @@ __device__ __forceinline__ void update(float& p, float g, float& v, float& buf, 
   update_apply<MOMENTUM>(p, g, buf, __fsqrt_rn(x), h);
 }
 
-// sqrt.rn of N values with one range test for all: for x in [2^-101, the largest float] (bits 0x0D000000 ..
-// 0x7F7FFFFF) sqrt_rn_fast is the fast path ptxas emits for each sqrt.rn.f32 (MUFU.RSQ, then one correction with
-// FMAs: correctly rounded there; rsqrt's ftz never applies, its input and every value after are normal), to which
-// ptxas adds a test and a branch per value. Outside (0, subnormal, tiny, inf, NaN, negative) any of the N takes
-// sqrt.rn for all.
+// sqrt.rn of N values with one range test for all: for x in [2^-101, the largest float] sqrt_rn_fast is the fast
+// path ptxas emits for each sqrt.rn.f32 (MUFU.RSQ, then one correction with FMAs: correctly rounded there; rsqrt's
+// ftz never applies, its input and every value after are normal), to which ptxas adds a test and a branch per
+// value. The test admits [2^-96, 2^32) (bits 0x0F800000 .. 0x4F7FFFFF: a window of 2^30 bit patterns, so the
+// offset bits of all N are ORed, one instruction per value where a max takes two); outside (0, subnormal, tiny,
+// huge, inf, NaN, negative) any of the N takes sqrt.rn for all, of max(x, 0) with `clamp` (NaN stays NaN: the
+// fast path's x is positive, so a caller's clamp of what it takes the root of can wait until here).
 __device__ __forceinline__ float sqrt_rn_fast(float x) {
 #ifdef __CUDA_ARCH__
   float y;
@@ -552,17 +561,18 @@ __device__ __forceinline__ float sqrt_rn_fast(float x) {
   return __fsqrt_rn(x);
 #endif
 }
-// Returns whether any took the slow path (else every root is in [2^-50.5, 2^64)).
-template <int N> __device__ __forceinline__ bool sqrt_rn_all(const float* x, float* root) {
-  bool slow = false;
+// Returns whether any took the slow path (else every root is in [2^-48, 2^16)).
+template <int N> __device__ __forceinline__ bool sqrt_rn_all(const float* x, float* root, bool clamp = false) {
+  u32 out = 0u;  // x's bits - 2^-96's, ORed: below 2^30 while every x is in the window
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    slow |= __float_as_uint(x[k]) - 0x0D000000u > 0x727FFFFFu;
+    out |= __float_as_uint(x[k]) - 0x0F800000u;
     root[k] = sqrt_rn_fast(x[k]);
   }
+  const bool slow = out >= 0x40000000u;
   if (slow) {
 #pragma unroll
-    for (int k = 0; k < N; ++k) root[k] = __fsqrt_rn(x[k]);
+    for (int k = 0; k < N; ++k) root[k] = __fsqrt_rn(clamp ? clamp0_nan(x[k]) : x[k]);
   }
   return slow;
 }
@@ -570,7 +580,8 @@ template <int N> __device__ __forceinline__ bool sqrt_rn_all(const float* x, flo
 // n / d rounded to nearest (div.rn) by the fast path ptxas emits for each div.rn.f32 after its check (FCHK) that
 // every intermediate stays a normal float, where the path is correctly rounded: MUFU.RCP, one Newton step for the
 // reciprocal, the quotient, its exact remainder, one correction (tests/test_fast_paths.py runs this text with
-// exact arithmetic).
+// exact arithmetic). The remainder is taken negated, d * y - n, so that n = -0 gives -0 as div.rn does (n - d * y
+// is +0 for either zero; for every other n the two are exact negations).
 __device__ __forceinline__ float div_rn_fast(float n, float d) {
 #ifdef __CUDA_ARCH__
   float q;
@@ -580,7 +591,9 @@ __device__ __forceinline__ float div_rn_fast(float n, float d) {
       "fma.rn.f32 e, t, r, 0f3F800000;\n\t"
       "fma.rn.f32 r, r, e, r;\n\t"
       "mul.rn.f32 y, %1, r;\n\t"
-      "fma.rn.f32 e, t, y, %1;\n\t"
+      "neg.f32 t, %1;\n\t"
+      "fma.rn.f32 e, %2, y, t;\n\t"
+      "neg.f32 e, e;\n\t"
       "fma.rn.f32 %0, e, r, y;\n\t}"
       : "=f"(q) : "f"(n), "f"(d));
   return q;
@@ -590,17 +603,21 @@ __device__ __forceinline__ float div_rn_fast(float n, float d) {
 }
 // div.rn of N values with one range test and branch for all (ptxas: a check and a branch per value), as
 // sqrt_rn_all. The range that keeps div_rn_fast's intermediates normal: d in [2^-51, 1.5 * 2^64] (the caller's:
-// roots from sqrt_rn_all's fast path plus an eps in [0, 2^63]; else it passes slow) and n in +-[2^-60, 2^60],
-// tested here: the quotient is then in [2^-125, 2^111], the remainder 0 or above 2^-84. Anything else (0, tiny,
-// huge, inf or NaN n) takes div.rn for all N.
-template <int N> __device__ __forceinline__ void div_rn_all(const float* n, const float* d, float* q, bool slow) {
+// roots from sqrt_rn_all's fast path plus an eps in [0, 2^63]; else it passes slow) and n 0 or in +-[2^-60, 2^68),
+// tested here as a window of 2^31 patterns of 2|n|'s bits (as sqrt_rn_all's) unless the caller knows: test_n
+// false for an fp16 grad as loaded (times +-1), whose magnitude is 0 or in [2^-24, 65504] but inf/NaN, and then
+// the variance is inf/NaN too (v holds ((1 - alpha) * g) * g) and sqrt_rn_all passed slow. The quotient is then 0 or
+// in [2^-124, 2^116], the remainder 0 or above 2^-84. Anything else (0, tiny, huge, inf or NaN n) takes div.rn
+// for all N.
+template <int N>
+__device__ __forceinline__ void div_rn_all(const float* n, const float* d, float* q, bool slow, bool test_n) {
+  u32 out = 0u;  // 2|n|'s bits - 2^-60's, ORed: below 2^31 while every |n| is in the window (0 wraps around)
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    // 2|n|'s bits - 2^-60's > 2^60's - 2^-60's (unsigned: 0 wraps around, NaN and inf are above)
-    slow |= __float_as_uint(n[k]) * 2u - 0x43000000u > 0x78000000u;
+    out |= __float_as_uint(n[k]) * 2u - 0x43000000u;
     q[k] = div_rn_fast(n[k], d[k]);
   }
-  if (slow) {
+  if (slow || (test_n && out >= 0x80000000u)) {
 #pragma unroll
     for (int k = 0; k < N; ++k) q[k] = __fdiv_rn(n[k], d[k]);
   }
@@ -662,6 +679,9 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
   const bool same_root = !(h.flags & (BIAS_CORRECTION | EPS_IN_SQRT));
   // denominators from fast-path roots stay in div_rn_all's range (NaN eps fails the test)
   const bool eps_ok = h.eps >= 0.0f && h.eps <= 0x1p63f;
+  // the quotients' numerators are fp16 grads as loaded (times +-1): div_rn_all need not test them
+  const bool n_f16 = is_f16<P>::value && !(h.flags & (GRAD_SCALE | WEIGHT_DECAY)) &&
+                     !(MOMENTUM && (h.flags & RAW_GRAD_MOMENTUM));
   float root[16];
   u32 pre0[16], pre1[16];  // random bits: p (low half, with sr) and square_avg; momentum_buffer and grad_avg
 #pragma unroll
@@ -677,7 +697,7 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
       x[j] = update_var<CENTERED, true>(pv[k], gv[k], vv[k], av[k], h);
       kept[j] = CENTERED ? clamp0_nan(vv[k] - av[k] * av[k]) : vv[k];
     }
-    const bool slow_root = sqrt_rn_all<SQRT_GROUP>(x, sx);
+    const bool slow_root = sqrt_rn_all<SQRT_GROUP>(x, sx, CENTERED && !(h.flags & EPS_IN_SQRT));
     if (same_root) {
 #pragma unroll
       for (int j = 0; j < SQRT_GROUP; ++j) root[k0 + j] = sx[j];
@@ -692,7 +712,7 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
       n[j] = update_numerator<MOMENTUM>(gv[k0 + j], bv[k0 + j], h);
       d[j] = update_denom(sx[j], h);
     }
-    div_rn_all<SQRT_GROUP>(n, d, q, slow_root || !eps_ok);
+    div_rn_all<SQRT_GROUP>(n, d, q, slow_root || !eps_ok, !n_f16);
 #pragma unroll
     for (int j = 0; j < SQRT_GROUP; ++j) update_quotient<MOMENTUM>(pv[k0 + j], bv[k0 + j], q[j], h);
   }

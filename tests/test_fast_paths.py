@@ -118,24 +118,27 @@ RSQRT_ULPS = (-1, 0, 1)  # the root estimate off by up to an ulp either way (the
 
 
 def test_the_cuda_division_is_correctly_rounded_in_its_range():
+    """d in [2^-51, 1.5 * 2^64] (a root of at most 2^64 plus an eps of at most 2^63), n 0 or in +-[2^-60, 2^68), the
+    ends included; n = -0 gives -0 (the remainder is taken negated)."""
     lines = cuda_division()
     assert any("rcp.approx" in s for s in lines) and len(lines) >= 6
     rng = random.Random(0)
-    # the range: d in [2^-51, 1.5 * 2^64] (a root of at most 2^64 plus an eps of at most 2^63), n in
-    # +-[2^-60, 2^60], the ends included
     d_max = math.ldexp(1.5, 64)
-    cases = [(math.ldexp(1, -60), d_max), (math.ldexp(1, 60), math.ldexp(1, -51)), (-math.ldexp(1, 60), d_max),
-             (math.ldexp(1, -60), math.ldexp(1, -51))]
+    top = float(np.nextafter(np.float32(2.0**68), np.float32(0)))
+    cases = [(math.ldexp(1, -60), d_max), (top, math.ldexp(1, -51)), (-top, d_max),
+             (math.ldexp(1, -60), math.ldexp(1, -51)), (0.0, 1.0), (-0.0, 3.0), (-0.0, d_max), (0.0, 2.0**-51)]
     for _ in range(1500):
-        n = loguniform(rng, -60, 59) * rng.choice((-1, 1))
+        n = loguniform(rng, -60, 67) * rng.choice((-1, 1))
         d = loguniform(rng, -51, 63)
         if rng.random() < 0.3:  # mantissas of all ones, where the reciprocal's rounding is tightest
             d = float(np.float32(math.ldexp(2 - 2**-23 * rng.randint(1, 4), rng.randint(-51, 63))))
         if rng.random() < 0.2:
-            n = math.copysign(math.ldexp(1, rng.randint(-60, 60)), n)
+            n = math.copysign(math.ldexp(1, rng.randint(-60, 67)), n)
         cases.append((n, d))
     for n, d in cases:
-        assert run_ptx(lines, {"%1": n, "%2": d}, 0, 0)["%0"] == rn32(Q(n) / Q(d)), (n, d)
+        got = run_ptx(lines, {"%1": n, "%2": d}, 0, 0)["%0"]
+        want = math.copysign(rn32(Q(n) / Q(d)), n)
+        assert (got, math.copysign(1, got)) == (want, math.copysign(1, want)), (n, d)
 
 
 @pytest.mark.parametrize("add_eps", [True, False])
@@ -168,13 +171,24 @@ def below(x: float) -> float:
     return float(np.nextafter(np.float32(x), np.float32(0)))
 
 
-def test_the_cuda_range_test_admits_exactly_div_rn_fasts_range():
-    """CUDA C: 2|n| bits - c > r means slow (div_rn_all)."""
-    c, r = (int(v, 16) for v in re.search(r"\* 2u - (0x[0-9A-F]+)u > (0x[0-9A-F]+)u", CU.read_text()).groups())
-    lo, hi = math.ldexp(1, -60), math.ldexp(1, 60)
-    for n in (0.0, -0.0, lo, -lo, hi, -hi, below(lo), float(np.nextafter(np.float32(hi), np.float32(np.inf))), 1.0,
-              -3.5, float("inf"), float("nan"), 1e-40):
-        assert ((bits(n) * 2 - c) % 2**32 <= r) == (lo <= abs(n) <= hi), n
+def test_the_cuda_range_tests_admit_exactly_the_fast_paths_range():
+    """CUDA C: x's bits - lo ORed below 2^30 (sqrt_rn_all: x in [2^-96, 2^32)), 2|n|'s bits - c ORed below 2^31
+    (div_rn_all: |n| in [2^-60, 2^68)); the slow path's roots of max(x, 0) when the caller asks."""
+    cu = CU.read_text()
+    sqrt_all = cu.split("bool sqrt_rn_all(")[1].split("\n}\n")[0]
+    div_all = cu.split("void div_rn_all(")[1].split("\n}\n")[0]
+    x_lo = int(re.search(r"__float_as_uint\(x\[k\]\) - (0x[0-9A-F]+)u;", sqrt_all).group(1), 16)
+    x_width = int(re.search(r"out >= (0x[0-9A-F]+)u;", sqrt_all).group(1), 16)
+    c = int(re.search(r"__float_as_uint\(n\[k\]\) \* 2u - (0x[0-9A-F]+)u;", div_all).group(1), 16)
+    n_width = int(re.search(r"out >= (0x[0-9A-F]+)u", div_all).group(1), 16)
+    assert "clamp ? clamp0_nan(x[k]) : x[k]" in sqrt_all
+    for x in (math.ldexp(1, -96), below(2.0**-96), below(2.0**32), 2.0**32, 1.0, 0.0, -0.0, -1e-30, 1e-40,
+              float("inf"), float("nan"), 3.4e38):
+        assert (((bits(x) - x_lo) % 2**32) < x_width) == (2.0**-96 <= x < 2.0**32), x
+    lo, hi = math.ldexp(1, -60), math.ldexp(1, 68)
+    for n in (0.0, -0.0, lo, -lo, below(hi), -below(hi), hi, -hi, below(lo), 1.0, -3.5, float("inf"),
+              float("nan"), 1e-40):
+        assert (((bits(n) * 2 - c) % 2**32) < n_width) == (lo <= abs(n) < hi), n
 
 
 @pytest.mark.parametrize("n_test", ["f32", "none", "bf16"])

@@ -195,6 +195,34 @@ def test_both_kernels_and_the_torch_path_write_the_same_bytes(dtype):
         assert (a.double() - b.double()).abs().max() <= 3 * 0.01
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["centered", "centered_momentum"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_variance_that_rounds_below_zero_counts_as_zero(dtype, momentum):
+    """Centered 8-bit state with no variance stored (v - ga^2 = 0) and grads equal to grad_avg: v - ga^2 after the
+    update rounds to either side of 0; below, it counts as 0 (the root 0, the denominator eps), NaN nowhere. The
+    kernels clamp on their roots' slow path (which any negative takes) and write the same bytes."""
+    n = 2048 * 2 + 37
+    rng = np.random.default_rng(21)
+    ga = (rng.standard_normal(n) * np.exp2(rng.integers(-8, 8, n))).astype(np.float32)
+    a0 = quantize.encode(torch.from_numpy(ga), True)
+    g = quantize.decode(a0, n, True).to(DTYPES[dtype])  # codes' values: exact in every dtype
+    gf = g.float().numpy()
+    v = np.float32(0.9) * (gf * gf) + (np.float32(0.1) * gf) * gf  # the update's v (decoded: ga^2 + 0)
+    assert ((v - gf * gf) < 0).mean() > 0.05  # the case this test is for
+    p0 = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(DTYPES[dtype])
+    out = {}
+    for backend in BACKENDS:
+        p = p0.clone()
+        vs, bs, as_ = quantize.zeros_state(p), quantize.zeros_state(p), a0.clone()
+        out[backend] = (p, [vs, as_] + ([bs] if momentum else []))
+        rmsprop([p], [g], [vs], [as_], [bs] if momentum else None, [torch.zeros(())], lr=0.01, alpha=0.9,
+                momentum=momentum, centered=True, backend=backend)
+    for backend in BACKENDS:
+        assert not out[backend][0].isnan().any(), backend
+    for x, y in zip([out["triton"][0], *out["triton"][1]], [out["cupy"][0], *out["cupy"][1]]):
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+
+
 def _block_values(n, signed, seed, lo=-135, hi=60, special=True):
     """Each block of 16 in its own binade 2^lo .. 2^hi (subnormal to 2^60: squares stay finite, otherwise nearly
     every block of an update's result holds inf or NaN and only its NaN code would be compared), its values within
