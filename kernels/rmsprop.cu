@@ -475,8 +475,10 @@ struct Hyper {
 // of several elements together, sqrt_rn_all and div_rn_all); p, v, buf, ga are read and written in registers. h.flags is a compile-time
 // constant unless the kernel reads its flags at run time, so each flag test below folds away.
 // First half: g as the update uses it, the averages, and the value whose root the denominator takes.
-// Q8: 8-bit state, whose v and ga can cross: var clamped at 0 (NaN kept), by the caller's sqrt_rn_all on its slow
-// path unless eps is added inside the root.
+// 8-bit state, centered: the clamp of var at 0 waits for sqrt_rn_all's slow path (which any negative var takes)
+// when the root is of var itself, not of var + eps
+__device__ __forceinline__ bool q8_clamp_at_root(const Hyper& h) { return !(h.flags & EPS_IN_SQRT); }
+// Q8: 8-bit state, whose v and ga can cross: var clamped at 0 (NaN kept), here or by q8_clamp_at_root.
 template <bool CENTERED, bool Q8 = false>
 __device__ __forceinline__ float update_var(float& p, float& g, float& v, float& ga, const Hyper& h) {
   if (h.flags & GRAD_SCALE) g = __fdiv_rn(g, h.grad_scale);
@@ -496,7 +498,7 @@ __device__ __forceinline__ float update_var(float& p, float& g, float& v, float&
     // below); 8-bit: an infinite average is a NaN block anyway
     var = (bias || Q8) ? var - avg * avg : fmaf(-avg, avg, var);
     // rounding at step 1 (optax then gives NaN), or 8-bit v and grad_avg crossing; NaN stays NaN
-    if ((bias && !Q8) || (Q8 && (h.flags & EPS_IN_SQRT))) var = clamp0_nan(var);
+    if (Q8 ? !q8_clamp_at_root(h) : bias) var = clamp0_nan(var);
   }
   return (h.flags & EPS_IN_SQRT) ? var + h.eps : var;
 }
@@ -697,7 +699,7 @@ __device__ __forceinline__ void q8_chunk(unsigned char* v, unsigned char* b, uns
       x[j] = update_var<CENTERED, true>(pv[k], gv[k], vv[k], av[k], h);
       kept[j] = CENTERED ? clamp0_nan(vv[k] - av[k] * av[k]) : vv[k];
     }
-    const bool slow_root = sqrt_rn_all<SQRT_GROUP>(x, sx, CENTERED && !(h.flags & EPS_IN_SQRT));
+    const bool slow_root = sqrt_rn_all<SQRT_GROUP>(x, sx, CENTERED && q8_clamp_at_root(h));
     if (same_root) {
 #pragma unroll
       for (int j = 0; j < SQRT_GROUP; ++j) root[k0 + j] = sx[j];

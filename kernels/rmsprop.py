@@ -75,16 +75,26 @@ def _sqrt_fast_ptx(out: str, x: str) -> str:
             f"fma.rn.f32 e, e, s, {x};\nfma.rn.f32 {out}, e, h, s;\n")
 
 
+def _x_window_ptx(first: int) -> str:
+    """Sets `slow` when any of the 8 values $first.. (bits) is outside [2^-96, 2^32), the window of 2^30 bit
+    patterns (0x0F800000 ..) within sqrt_rn_fast's range: their offset bits ORed are below 2^30 exactly when all
+    are in it, 1.5 instructions per value where a max chain takes 2 (kernels/rmsprop.cu: sqrt_rn_all). Uses
+    registers u0..u7 and m."""
+    return ("".join(f"sub.u32 u{k}, ${first + k}, 0x0F800000;\n" for k in range(8)) + "or.b32 m, u0, u1;\n"
+            + "".join(f"or.b32 m, m, u{k};\n" for k in range(2, 8)) + "setp.ge.u32 slow, m, 0x40000000;\n")
+
+
+_WINDOW_REGS = ", ".join(f"u{k}" for k in range(8))
+
+
 def _sqrt8_asm() -> str:
-    """PTX for sqrt.rn of a thread's 8 values ($8..$15 -> $0..$7, as bits) with one range test and branch: for x
-    in [2^-101, the largest float] the fast path ptxas emits for each sqrt.rn.f32 (kernels/rmsprop.cu:
-    sqrt_rn_fast, sqrt_rn_all), else sqrt.rn for all 8."""
-    test = "sub.u32 m, $8, 0x0D000000;\n" + "".join(
-        f"sub.u32 u, ${8 + k}, 0x0D000000;\nmax.u32 m, m, u;\n" for k in range(1, 8))
+    """PTX for sqrt.rn of a thread's 8 values ($8..$15 -> $0..$7, as bits) with one range test and branch
+    (_x_window_ptx): the fast path ptxas emits for each sqrt.rn.f32 (kernels/rmsprop.cu: sqrt_rn_fast,
+    sqrt_rn_all), else sqrt.rn for all 8."""
     fast = "".join(_sqrt_fast_ptx(f"${k}", f"${8 + k}") for k in range(8))
     slow = "".join(f"sqrt.rn.f32 ${k}, ${8 + k};\n" for k in range(8))
-    return ("{\n.reg .pred slow;\n.reg .b32 m, u, r, s, h, e;\n" + test + "setp.gt.u32 slow, m, 0x727FFFFF;\n"
-            "@slow bra SQRT_SLOW_${:uid};\n" + fast + "bra.uni SQRT_DONE_${:uid};\nSQRT_SLOW_${:uid}:\n" + slow
+    return ("{\n.reg .pred slow;\n.reg .b32 m, r, s, h, e, " + _WINDOW_REGS + ";\n" + _x_window_ptx(8)
+            + "@slow bra SQRT_SLOW_${:uid};\n" + fast + "bra.uni SQRT_DONE_${:uid};\nSQRT_SLOW_${:uid}:\n" + slow
             + "SQRT_DONE_${:uid}:\n}")
 
 
@@ -94,10 +104,9 @@ _SQRT8_ASM: tl.constexpr = tl.constexpr(_sqrt8_asm())
 def _root_quotient8_asm(add_eps: bool, clamp: bool, n_test: str) -> str:
     """PTX for a thread's 8 roots and quotients with one range test and branch (kernels/rmsprop.cu: sqrt_rn_all,
     div_rn_all): $0..$7 = sqrt.rn(x), $8..$15 = n / d rounded to nearest, d = root + eps (add_eps) or root, from
-    x $16..$23, n $24..$31, eps $32 (bits; $36 with n_test "bf16"). Fast path for x in [2^-96, 2^32), n 0 or in
-    +-[2^-61, 2^68) and eps in [0, 2^63] (div_rn_fast's range), else sqrt.rn and div.rn for all 8. Each range is a
-    window of 2^30 (x) or 2^31 (2|n|) bit patterns, so its test is an OR: 1.5 instructions per value where a max
-    chain takes 2.
+    x $16..$23, n $24..$31, eps $32 (bits; $36 with n_test "bf16"). Fast path for x in [2^-96, 2^32)
+    (_x_window_ptx), n 0 or in +-[2^-61, 2^68) and eps in [0, 2^63] (div_rn_fast's range), else sqrt.rn and div.rn
+    for all 8. n's range is a window of 2^31 patterns of 2|n|'s bits, tested by an OR as x's.
     clamp: x below 0 counts as 0 (max.NaN: NaN stays NaN), on the slow path only (the fast path's x is positive).
     n_test: "f32" tests |n| in [2^-60, 2^68); "none": the caller knows n is in range, 0, or inf/NaN only where x is
     inf/NaN (the slow path's): an fp16 grad as loaded (_update); "bf16": n is a bf16 grad as loaded, also given as
@@ -107,8 +116,7 @@ def _root_quotient8_asm(add_eps: bool, clamp: bool, n_test: str) -> str:
     The residual is taken negated, d * y - n, so that n = -0 gives -0 as div.rn does (n - d * y is +0 for either
     zero; for every other n the two residuals are exact negations)."""
     e = 36 if n_test == "bf16" else 32
-    test = "".join(f"sub.u32 u{k}, ${16 + k}, 0x0F800000;\n" for k in range(8)) + "or.b32 m, u0, u1;\n" + "".join(
-        f"or.b32 m, m, u{k};\n" for k in range(2, 8)) + "setp.ge.u32 slow, m, 0x40000000;\n"
+    test = _x_window_ptx(16)
     if n_test == "f32":
         test += ("".join(f"mad.lo.u32 u{k}, ${24 + k}, 2, 0xBD000000;\n" for k in range(8)) + "or.b32 m, u0, u1;\n"
                  + "".join(f"or.b32 m, m, u{k};\n" for k in range(2, 8))
@@ -128,8 +136,7 @@ def _root_quotient8_asm(add_eps: bool, clamp: bool, n_test: str) -> str:
     root = (lambda k: f"max.NaN.f32 d, ${16 + k}, 0f00000000;\nsqrt.rn.f32 ${k}, d;\n") if clamp else (
         lambda k: f"sqrt.rn.f32 ${k}, ${16 + k};\n")
     slow = "".join(root(k) + denom(k) + f"div.rn.f32 ${8 + k}, ${24 + k}, d;\n" for k in range(8))
-    regs = ", ".join(f"u{k}" for k in range(8))
-    return ("{\n.reg .pred slow, bad;\n.reg .b32 m, r, s, h, e, t, y, d, " + regs + ";\n" + test
+    return ("{\n.reg .pred slow, bad;\n.reg .b32 m, r, s, h, e, t, y, d, " + _WINDOW_REGS + ";\n" + test
             + "@slow bra ROOTQ_SLOW_${:uid};\n" + fast + "bra.uni ROOTQ_DONE_${:uid};\nROOTQ_SLOW_${:uid}:\n" + slow
             + "ROOTQ_DONE_${:uid}:\n}")
 

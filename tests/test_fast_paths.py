@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rmsprop_gpu.kernels import rmsprop as triton_kernel
-from rmsprop_gpu.kernels.rmsprop import _q8_encode4_asm, _root_quotient8_asm
+from rmsprop_gpu.kernels.rmsprop import _q8_encode4_asm, _root_quotient8_asm, _sqrt8_asm
 
 CU = Path(triton_kernel.__file__).with_name("rmsprop.cu")
 
@@ -246,6 +246,20 @@ def test_the_bf16_grads_test_admits_the_window_two_at_a_time():
         admitted = (((w * 2 + add) % 2**32) & mask) == 0
         assert not (admitted & ~(win(hi) | (hi_mag == 0x217F))).any() and (not admitted.any() or win(lo)), lo
         assert (admitted | ~win(hi) | (hi_mag == 0x617F)).all() or not win(lo), lo
+
+
+def test_the_triton_roots_alone_take_the_same_window():
+    """_sqrt8_asm (the roots of other values: bias correction, eps inside the root) tests x's window as
+    _root_quotient8_asm does, on its inputs $8..$15, and its slow path takes sqrt.rn of each."""
+    asm = _sqrt8_asm()
+    x_lo = int(re.search(r"sub\.u32 u0, \$8, (0x[0-9A-F]+)", asm).group(1), 16)
+    x_width = int(re.search(r"setp\.ge\.u32 slow, m, (0x[0-9A-F]+)", asm).group(1), 16)
+    assert asm.count("or.b32 m,") == 7 and [f"${8 + k}" for k in range(8)] == re.findall(r"sub\.u32 u\d, (\S+),", asm)
+    for x in (math.ldexp(1, -96), below(2.0**-96), below(2.0**32), 2.0**32, 1.0, 0.0, -1e-30, float("inf"),
+              float("nan")):
+        assert (((bits(x) - x_lo) % 2**32) < x_width) == (2.0**-96 <= x < 2.0**32), x
+    slow = asm.split("SQRT_SLOW_${:uid}:")[1]
+    assert re.findall(r"sqrt\.rn\.f32 \$(\d+), \$(\d+);", slow) == [(str(k), str(8 + k)) for k in range(8)]
 
 
 def f16_values() -> np.ndarray:
